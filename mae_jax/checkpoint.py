@@ -1,0 +1,149 @@
+"""Model checkpoints: an Orbax directory of parameters plus a small JSON metadata file.
+
+Layout of a checkpoint directory::
+
+    <dir>/mae_jax.json   what the model is: type, config, where it came from
+    <dir>/params/        Orbax (StandardCheckpointer) tree of the model's state, named as the official state_dict
+
+Directories are written under a temporary name and renamed when complete, so a reader never sees a
+half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from mae_jax.config import MAEConfig
+from mae_jax.model import MaskedAutoencoderViT
+
+METADATA_FILE = "mae_jax.json"
+PARAMS_DIR = "params"
+FORMAT = "mae-jax-checkpoint/1"
+MODEL_TYPES = ("mae", "mae_encoder")
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that is missing, incomplete or not a mae-jax checkpoint."""
+
+
+def build_model(
+    model_type: str, config: MAEConfig, *, rngs: nnx.Rngs | None = None, dtype: Any = jnp.float32
+) -> nnx.Module:
+    """A model of the given type ('mae' or 'mae_encoder') and config."""
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"unknown model type {model_type!r}; known: {', '.join(MODEL_TYPES)}")
+    return MaskedAutoencoderViT(
+        config,
+        rngs=rngs if rngs is not None else nnx.Rngs(0),
+        with_decoder=model_type == "mae",
+        dtype=dtype,
+    )
+
+
+def model_type_of(model: nnx.Module) -> str:
+    if isinstance(model, MaskedAutoencoderViT):
+        return "mae" if model.with_decoder else "mae_encoder"
+    raise TypeError(f"cannot checkpoint a {type(model).__name__}")
+
+
+def state_as_numpy(model: nnx.Module) -> dict:
+    """The model's whole state (parameters and fixed tables) as a nested dict of numpy arrays."""
+    return jax.tree.map(np.asarray, nnx.state(model).to_pure_dict())
+
+
+def _atomic_dir(path: Path, force: bool) -> Path:
+    if path.exists() and not force:
+        raise FileExistsError(f"{path}: already exists (pass --force / force=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"{path.parent}: directory is not writable")
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def _commit_dir(tmp: Path, path: Path) -> None:
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def save_model(
+    model: nnx.Module, path: str | os.PathLike, *, metadata: dict | None = None, force: bool = False
+) -> Path:
+    """Write ``model`` to the checkpoint directory ``path`` atomically; returns the path."""
+    path = Path(path).absolute()
+    meta = {
+        "format": FORMAT,
+        "model_type": model_type_of(model),
+        "config": model.config.to_dict(),
+        **(metadata or {}),
+    }
+    tmp = _atomic_dir(path, force)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, state_as_numpy(model))
+            ckptr.wait_until_finished()
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _commit_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a checkpoint directory, checked for the fields every checkpoint has."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    meta_file = path / METADATA_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: not a mae-jax checkpoint (no {METADATA_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_file}: unreadable metadata ({e})") from None
+    for field in ("format", "model_type", "config"):
+        if field not in meta:
+            raise CheckpointError(f"{meta_file}: metadata has no '{field}'")
+    if meta["format"] != FORMAT:
+        raise CheckpointError(f"{meta_file}: unknown checkpoint format {meta['format']!r}")
+    return meta
+
+
+def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Module:
+    """The model stored in the checkpoint directory ``path`` (architecture from its metadata)."""
+    path = Path(path).absolute()
+    meta = read_metadata(path)
+    try:
+        config = MAEConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / METADATA_FILE}: bad config ({e})") from None
+    abstract = nnx.eval_shape(lambda: build_model(meta["model_type"], config, dtype=dtype))
+    graphdef, abstract_state = nnx.split(abstract)
+    target = abstract_state.to_pure_dict()
+    params_dir = path / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{path}: checkpoint has no {PARAMS_DIR}/ directory")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(params_dir, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{params_dir}: cannot restore parameters ({first})") from None
+    abstract_state.replace_by_pure_dict(restored)
+    return nnx.merge(graphdef, abstract_state)

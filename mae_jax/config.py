@@ -1,0 +1,110 @@
+"""Model configurations: frozen dataclasses with the official preset names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class MAEConfig:
+    """Architecture of a masked autoencoder (the encoder, and the decoder used in pretraining).
+
+    Field names follow the official ``MaskedAutoencoderViT`` constructor.
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    norm_pix_loss: bool = False
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        for dim, heads, what in (
+            (self.embed_dim, self.num_heads, "encoder"),
+            (self.decoder_embed_dim, self.decoder_num_heads, "decoder"),
+        ):
+            if dim % heads:
+                raise ValueError(f"{what} width {dim} is not divisible by its {heads} heads")
+        if self.embed_dim % 4 or self.decoder_embed_dim % 4:
+            raise ValueError("2-D sin-cos position embeddings need widths divisible by 4")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one patch vector: p * p * channels."""
+        return self.patch_size**2 * self.in_chans
+
+    def replace(self, **changes: Any) -> MAEConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MAEConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> MAEConfig:
+        return cls.from_dict(json.loads(text))
+
+
+_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+
+# The three registered official architectures (models_mae.py), plus a tiny one for tests and demos
+# that equals the golden `tiny_shared` model of the official code.
+PRESETS: dict[str, MAEConfig] = {
+    "mae_vit_base_patch16": MAEConfig(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DECODER
+    ),
+    "mae_vit_large_patch16": MAEConfig(
+        patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DECODER
+    ),
+    "mae_vit_huge_patch14": MAEConfig(
+        patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DECODER
+    ),
+    "mae_vit_tiny_patch4": MAEConfig(
+        img_size=32,
+        patch_size=4,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        decoder_embed_dim=48,
+        decoder_depth=2,
+        decoder_num_heads=3,
+    ),
+}
+
+
+def get_config(name: str, **overrides: Any) -> MAEConfig:
+    """The preset ``name`` (an official name such as ``mae_vit_large_patch16``), with overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

@@ -1,0 +1,366 @@
+"""The masked autoencoder in Flax NNX, and patchify/unpatchify.
+
+Attribute names mirror the official PyTorch state_dict (``blocks[3].attn.qkv``, ``decoder_pred``, ...),
+so that a checkpoint maps onto this tree by a short table of rules. Images are NHWC, ImageNet-normalized.
+Shape suffixes: N batch, H/W image size, L patches, K kept patches, T tokens, D width, P patch vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mae_jax import masking as masking_lib
+from mae_jax.config import MAEConfig
+from mae_jax.pos_embed import sincos_2d
+
+Dtype = Any
+
+
+class MissingDecoderError(RuntimeError):
+    """Raised when an encoder-only model is asked for a reconstruction or a pretraining loss."""
+
+
+class FixedEmbedding(nnx.Variable):
+    """A fixed table (the sin-cos position embedding): saved and loaded, never optimized."""
+
+
+# --------------------------------------------------------------------------- patches
+
+
+def patchify(imgs_NxHxWxC: jax.Array, patch_size: int) -> jax.Array:
+    """[N, H, W, C] -> [N, L, p*p*C], patches row-major, each vector in (row, col, channel) order."""
+    n, h, w, c = imgs_NxHxWxC.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+    x = imgs_NxHxWxC.reshape(n, h // p, p, w // p, p, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches_NxLxP: jax.Array, patch_size: int, channels: int = 3) -> jax.Array:
+    """[N, L, p*p*C] -> [N, H, W, C] for a square grid; the inverse of ``patchify``."""
+    n, length, _ = patches_NxLxP.shape
+    g = int(round(length**0.5))
+    if g * g != length:
+        raise ValueError(f"{length} patches do not form a square grid")
+    p = patch_size
+    x = patches_NxLxP.reshape(n, g, g, p, p, channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, g * p, g * p, channels)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _linear(din: int, dout: int, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    # xavier-uniform on the whole matrix (the fused qkv included), zero bias: the official init.
+    return nnx.Linear(
+        din,
+        dout,
+        kernel_init=nnx.initializers.xavier_uniform(),
+        bias_init=nnx.initializers.zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def _layer_norm(dim: int, eps: float, dtype: Dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # use_fast_variance=False: E[(x - mean)^2], which rounds like torch's LayerNorm.
+    return nnx.LayerNorm(
+        dim, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+    )
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping p x p patches -> D-dim tokens, as a strided convolution."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int, dtype: Dtype, rngs: nnx.Rngs):
+        fan_in = patch_size * patch_size * in_chans
+        bound = 1.0 / np.sqrt(fan_in)
+        self.patch_size = patch_size
+        self.proj = nnx.Conv(
+            in_chans,
+            dim,
+            kernel_size=(patch_size, patch_size),
+            strides=(patch_size, patch_size),
+            padding="VALID",
+            # xavier-uniform of the kernel seen as a [D, C*p*p] matrix; the bias keeps the
+            # convolution's default U(+-1/sqrt(fan_in)), as in the reference.
+            kernel_init=nnx.initializers.variance_scaling(
+                1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1
+            ),
+            bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+                key, shape, dtype, -bound, bound
+            ),
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
+
+    def __call__(self, imgs_NxHxWxC: jax.Array) -> jax.Array:
+        x = self.proj(imgs_NxHxWxC)
+        n, gh, gw, d = x.shape
+        return x.reshape(n, gh * gw, d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, dim: int, num_heads: int, dtype: Dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = _linear(dim, 3 * dim, dtype, rngs)
+        self.proj = _linear(dim, dim, dtype, rngs)
+
+    def __call__(self, x_NxTxD: jax.Array) -> jax.Array:
+        n, t, d = x_NxTxD.shape
+        h = self.num_heads
+        # Fused features are [q (all heads) | k | v], each head's dims contiguous.
+        qkv = self.qkv(x_NxTxD).reshape(n, t, 3, h, d // h)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # (q @ k^T) * scale, softmax in float32, then @ v: the reference's order of operations.
+        logits = jnp.einsum("nqhc,nkhc->nhqk", q, k) * self.scale
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("nhqk,nkhc->nqhc", weights, v).reshape(n, t, d)
+        return self.proj(out)
+
+
+class Mlp(nnx.Module):
+    def __init__(self, dim: int, hidden: int, dtype: Dtype, rngs: nnx.Rngs):
+        self.fc1 = _linear(dim, hidden, dtype, rngs)
+        self.fc2 = _linear(hidden, dim, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact erf GELU
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, eps, dtype: Dtype, rngs: nnx.Rngs):
+        self.norm1 = _layer_norm(dim, eps, dtype, rngs)
+        self.attn = Attention(dim, num_heads, dtype, rngs)
+        self.norm2 = _layer_norm(dim, eps, dtype, rngs)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs)
+
+    def __call__(self, x_NxTxD: jax.Array) -> jax.Array:
+        x = x_NxTxD + self.attn(self.norm1(x_NxTxD))
+        return x + self.mlp(self.norm2(x))
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclasses.dataclass
+class ForwardOutput:
+    """Everything one forward pass computes; ``stages`` is filled only when asked for."""
+
+    loss: jax.Array  # scalar
+    pred: jax.Array  # [N, L, P]
+    mask: jax.Array  # [N, L], 1 = removed
+    latent: jax.Array  # [N, 1 + K, D], encoder output after its final norm, kept tokens in noise order
+    ids_restore: jax.Array  # [N, L]
+    stages: dict[str, jax.Array] | None = None
+
+
+jax.tree_util.register_dataclass(
+    ForwardOutput, data_fields=["loss", "pred", "mask", "latent", "ids_restore", "stages"], meta_fields=[]
+)
+
+
+class MaskedAutoencoderViT(nnx.Module):
+    """MAE: a ViT encoder over the visible patches and a light decoder that predicts the removed ones.
+
+    ``with_decoder=False`` builds the encoder alone (the layout of the released encoder-only
+    pretraining checkpoints); reconstruction and the loss then raise ``MissingDecoderError``.
+    """
+
+    def __init__(
+        self,
+        config: MAEConfig,
+        *,
+        rngs: nnx.Rngs,
+        with_decoder: bool = True,
+        dtype: Dtype = jnp.float32,
+    ):
+        c = config
+        self.config = c
+        self.with_decoder = with_decoder
+        self.dtype = dtype
+        normal = nnx.initializers.normal(0.02)
+
+        self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, c.embed_dim), jnp.float32))
+        self.pos_embed = FixedEmbedding(
+            jnp.asarray(sincos_2d(c.embed_dim, c.grid_size))[None]
+        )
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim, dtype, rngs)
+        self.blocks = nnx.List(
+            [
+                Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.layer_norm_eps, dtype, rngs)
+                for _ in range(c.depth)
+            ]
+        )
+        self.norm = _layer_norm(c.embed_dim, c.layer_norm_eps, dtype, rngs)
+        if not with_decoder:
+            return
+        dd = c.decoder_embed_dim
+        self.mask_token = nnx.Param(normal(rngs.params(), (1, 1, dd), jnp.float32))
+        self.decoder_pos_embed = FixedEmbedding(jnp.asarray(sincos_2d(dd, c.grid_size))[None])
+        self.decoder_embed = _linear(c.embed_dim, dd, dtype, rngs)
+        self.decoder_blocks = nnx.List(
+            [
+                Block(dd, c.decoder_num_heads, c.mlp_ratio, c.layer_norm_eps, dtype, rngs)
+                for _ in range(c.decoder_depth)
+            ]
+        )
+        self.decoder_norm = _layer_norm(dd, c.layer_norm_eps, dtype, rngs)
+        self.decoder_pred = _linear(dd, c.patch_dim, dtype, rngs)
+
+    # ----------------------------------------------------------------- encoder
+
+    def _check_images(self, imgs: jax.Array) -> None:
+        c = self.config
+        want = (c.img_size, c.img_size, c.in_chans)
+        if imgs.ndim != 4 or tuple(imgs.shape[1:]) != want:
+            raise ValueError(
+                f"expected images of shape [N, {c.img_size}, {c.img_size}, {c.in_chans}] (NHWC) "
+                f"for this model (patch grid {c.grid_size}x{c.grid_size} of {c.patch_size}px), "
+                f"got {tuple(imgs.shape)}"
+            )
+
+    def _embed_patches(self, imgs_NxHxWxC: jax.Array, stages: dict | None) -> jax.Array:
+        self._check_images(imgs_NxHxWxC)
+        x = self.patch_embed(imgs_NxHxWxC.astype(self.dtype))
+        if stages is not None:
+            stages["patch_embed"] = x
+        return x + self.pos_embed[...][:, 1:, :].astype(x.dtype)
+
+    def _run_encoder(self, x_NxKxD: jax.Array, stages: dict | None) -> jax.Array:
+        cls = (self.cls_token[...] + self.pos_embed[...][:, :1, :]).astype(x_NxKxD.dtype)
+        x = jnp.concatenate([jnp.broadcast_to(cls, (x_NxKxD.shape[0], 1, cls.shape[-1])), x_NxKxD], 1)
+        if stages is not None:
+            stages["enc_in"] = x
+        outs = []
+        for block in self.blocks:
+            x = block(x)
+            outs.append(x)
+        if stages is not None:
+            stages["enc_blocks"] = jnp.stack(outs)
+        return self.norm(x)
+
+    def forward_encoder(
+        self, imgs_NxHxWxC: jax.Array, masks: masking_lib.Masking, stages: dict | None = None
+    ) -> jax.Array:
+        """Encode the visible patches only -> latent [N, 1 + K, D] (cls first, then noise order)."""
+        x = self._embed_patches(imgs_NxHxWxC, stages)
+        x = jnp.take_along_axis(x, masks.ids_keep[:, :, None], axis=1)
+        if stages is not None:
+            stages["x_masked"] = x
+        return self._run_encoder(x, stages)
+
+    def encode(self, imgs_NxHxWxC: jax.Array) -> jax.Array:
+        """All tokens without masking -> [N, 1 + L, D]: cls, then the patches in spatial order."""
+        return self._run_encoder(self._embed_patches(imgs_NxHxWxC, None), None)
+
+    # ----------------------------------------------------------------- decoder and loss
+
+    def _require_decoder(self) -> None:
+        if not self.with_decoder:
+            raise MissingDecoderError(
+                "this model has no decoder weights (an encoder-only checkpoint such as the official "
+                "mae_pretrain_vit_*.pth), so it cannot reconstruct images or compute the MAE loss; "
+                "use mae_visualize_vit_*.pth (pixel targets) or mae_pretrain_vit_*_full.pth "
+                "(normalized-pixel targets), which hold the decoder"
+            )
+
+    def forward_decoder(
+        self, latent_NxTxD: jax.Array, ids_restore_NxL: jax.Array, stages: dict | None = None
+    ) -> jax.Array:
+        """Latent [N, 1 + K, D] -> predicted patches [N, L, P] in spatial order."""
+        self._require_decoder()
+        x = self.decoder_embed(latent_NxTxD)
+        if stages is not None:
+            stages["dec_embed"] = x
+        n, length = ids_restore_NxL.shape
+        visible = x[:, 1:, :]
+        mask_tokens = jnp.broadcast_to(
+            self.mask_token[...].astype(x.dtype), (n, length - visible.shape[1], x.shape[-1])
+        )
+        x_ = jnp.concatenate([visible, mask_tokens], axis=1)
+        x_ = jnp.take_along_axis(x_, ids_restore_NxL[:, :, None], axis=1)
+        x = jnp.concatenate([x[:, :1, :], x_], axis=1)
+        x = x + self.decoder_pos_embed[...].astype(x.dtype)
+        if stages is not None:
+            stages["dec_in"] = x
+        outs = []
+        for block in self.decoder_blocks:
+            x = block(x)
+            outs.append(x)
+        x = self.decoder_norm(x)
+        if stages is not None:
+            stages["dec_blocks"] = jnp.stack(outs)
+            stages["dec_norm"] = x
+        return self.decoder_pred(x)[:, 1:, :]
+
+    def patch_targets(self, imgs_NxHxWxC: jax.Array) -> jax.Array:
+        """The loss target [N, L, P]: patches, normalized per patch when norm_pix_loss is on."""
+        target = patchify(imgs_NxHxWxC.astype(jnp.float32), self.config.patch_size)
+        if self.config.norm_pix_loss:
+            mean = target.mean(axis=-1, keepdims=True)
+            var = target.var(axis=-1, keepdims=True, ddof=1)  # unbiased, as torch's .var()
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        return target
+
+    def forward_loss(
+        self, imgs_NxHxWxC: jax.Array, pred_NxLxP: jax.Array, mask_NxL: jax.Array
+    ) -> jax.Array:
+        """Mean squared error over the removed patches only, pooled over the batch."""
+        target = self.patch_targets(imgs_NxHxWxC)
+        per_patch = ((pred_NxLxP.astype(jnp.float32) - target) ** 2).mean(axis=-1)
+        return (per_patch * mask_NxL).sum() / mask_NxL.sum()
+
+    # ----------------------------------------------------------------- full forward
+
+    def forward_full(
+        self,
+        imgs_NxHxWxC: jax.Array,
+        *,
+        key: jax.Array | None = None,
+        noise: jax.Array | None = None,
+        mask_ratio: float = 0.75,
+        capture_stages: bool = False,
+    ) -> ForwardOutput:
+        """The whole pass with every intermediate; masks come from ``noise`` [N, L] or from ``key``."""
+        self._require_decoder()
+        n = imgs_NxHxWxC.shape[0]
+        length = self.config.num_patches
+        if (key is None) == (noise is None):
+            raise ValueError("pass exactly one of key= (a PRNG key) or noise= (an [N, L] array)")
+        if noise is None:
+            noise = masking_lib.random_noise(key, n, length)
+        elif tuple(noise.shape) != (n, length):
+            raise ValueError(f"noise must have shape [N, L] = [{n}, {length}], got {noise.shape}")
+        masks = masking_lib.masking_from_noise(noise, mask_ratio)
+        stages = {} if capture_stages else None
+        latent = self.forward_encoder(imgs_NxHxWxC, masks, stages)
+        pred = self.forward_decoder(latent, masks.ids_restore, stages)
+        loss = self.forward_loss(imgs_NxHxWxC, pred, masks.mask)
+        return ForwardOutput(loss, pred, masks.mask, latent, masks.ids_restore, stages)
+
+    def __call__(
+        self,
+        imgs_NxHxWxC: jax.Array,
+        *,
+        key: jax.Array | None = None,
+        noise: jax.Array | None = None,
+        mask_ratio: float = 0.75,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """imgs [N, H, W, 3] -> (loss, pred [N, L, p*p*3], mask [N, L] with 1 = removed)."""
+        out = self.forward_full(imgs_NxHxWxC, key=key, noise=noise, mask_ratio=mask_ratio)
+        return out.loss, out.pred, out.mask
