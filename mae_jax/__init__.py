@@ -23,9 +23,14 @@ def create_model(
     **overrides: Any,
 ) -> MaskedAutoencoderViT:
     """A freshly initialized MAE from a preset name (e.g. ``"mae_vit_large_patch16"``) or a config."""
-    config = name.replace(**overrides) if isinstance(name, MAEConfig) else get_config(name, **overrides)
+    config = (
+        name.replace(**overrides) if isinstance(name, MAEConfig) else get_config(name, **overrides)
+    )
     return MaskedAutoencoderViT(
-        config, rngs=rngs if rngs is not None else nnx.Rngs(0), with_decoder=with_decoder, dtype=dtype
+        config,
+        rngs=rngs if rngs is not None else nnx.Rngs(0),
+        with_decoder=with_decoder,
+        dtype=dtype,
     )
 
 

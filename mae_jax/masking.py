@@ -47,7 +47,9 @@ def random_masking(key: jax.Array, batch: int, num_patches: int, mask_ratio: flo
     return masking_from_noise(random_noise(key, batch, num_patches), mask_ratio)
 
 
-def step_device_key(key: jax.Array, step: jax.Array | int, axis_name: str | None = None) -> jax.Array:
+def step_device_key(
+    key: jax.Array, step: jax.Array | int, axis_name: str | None = None
+) -> jax.Array:
     """A key distinct for every step and, inside pmap over ``axis_name``, for every device.
 
     Without this, every replica would draw the same masks for its shard.

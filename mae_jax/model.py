@@ -164,13 +164,17 @@ class ForwardOutput:
     loss: jax.Array  # scalar
     pred: jax.Array  # [N, L, P]
     mask: jax.Array  # [N, L], 1 = removed
-    latent: jax.Array  # [N, 1 + K, D], encoder output after its final norm, kept tokens in noise order
+    latent: (
+        jax.Array
+    )  # [N, 1 + K, D], encoder output after its final norm, kept tokens in noise order
     ids_restore: jax.Array  # [N, L]
     stages: dict[str, jax.Array] | None = None
 
 
 jax.tree_util.register_dataclass(
-    ForwardOutput, data_fields=["loss", "pred", "mask", "latent", "ids_restore", "stages"], meta_fields=[]
+    ForwardOutput,
+    data_fields=["loss", "pred", "mask", "latent", "ids_restore", "stages"],
+    meta_fields=[],
 )
 
 
@@ -196,9 +200,7 @@ class MaskedAutoencoderViT(nnx.Module):
         normal = nnx.initializers.normal(0.02)
 
         self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, c.embed_dim), jnp.float32))
-        self.pos_embed = FixedEmbedding(
-            jnp.asarray(sincos_2d(c.embed_dim, c.grid_size))[None]
-        )
+        self.pos_embed = FixedEmbedding(jnp.asarray(sincos_2d(c.embed_dim, c.grid_size))[None])
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim, dtype, rngs)
         self.blocks = nnx.List(
             [
@@ -243,7 +245,9 @@ class MaskedAutoencoderViT(nnx.Module):
 
     def _run_encoder(self, x_NxKxD: jax.Array, stages: dict | None) -> jax.Array:
         cls = (self.cls_token[...] + self.pos_embed[...][:, :1, :]).astype(x_NxKxD.dtype)
-        x = jnp.concatenate([jnp.broadcast_to(cls, (x_NxKxD.shape[0], 1, cls.shape[-1])), x_NxKxD], 1)
+        x = jnp.concatenate(
+            [jnp.broadcast_to(cls, (x_NxKxD.shape[0], 1, cls.shape[-1])), x_NxKxD], 1
+        )
         if stages is not None:
             stages["enc_in"] = x
         outs = []
