@@ -59,7 +59,7 @@ def model_type_of(model: nnx.Module) -> str:
 
 def state_as_numpy(model: nnx.Module) -> dict:
     """The model's whole state (parameters and fixed tables) as a nested dict of numpy arrays."""
-    return jax.tree.map(np.asarray, nnx.state(model).to_pure_dict())
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
 
 
 def _atomic_dir(path: Path, force: bool) -> Path:
@@ -135,7 +135,7 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Modu
         raise CheckpointError(f"{path / METADATA_FILE}: bad config ({e})") from None
     abstract = nnx.eval_shape(lambda: build_model(meta["model_type"], config, dtype=dtype))
     graphdef, abstract_state = nnx.split(abstract)
-    target = abstract_state.to_pure_dict()
+    target = nnx.to_pure_dict(abstract_state)
     params_dir = path / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{path}: checkpoint has no {PARAMS_DIR}/ directory")
@@ -145,5 +145,5 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Modu
     except (ValueError, KeyError, FileNotFoundError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{params_dir}: cannot restore parameters ({first})") from None
-    abstract_state.replace_by_pure_dict(restored)
+    nnx.replace_by_pure_dict(abstract_state, restored)
     return nnx.merge(graphdef, abstract_state)

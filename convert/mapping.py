@@ -1,0 +1,230 @@
+"""The name table between the official PyTorch state_dict and the mae-jax parameter tree.
+
+Names match segment for segment (``blocks.3.attn.qkv.weight`` is ``blocks/3/attn/qkv/kernel``);
+only the leaf names and the value layouts differ, by these rules:
+
+    Linear weight  [out, in]           <-> kernel [in, out]          (transpose)
+    Conv weight    [out, in, kh, kw]   <-> kernel [kh, kw, in, out]  (permute 2, 3, 1, 0)
+    LayerNorm      weight              <-> scale                     (copy)
+    everything else (biases, cls_token, mask_token, position tables)  (copy)
+
+This module also recognizes which official family a state_dict belongs to and infers the
+architecture from its tensor shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mae_jax.config import PRESETS, MAEConfig
+
+Path = tuple  # a path in the model's state tree, e.g. ('blocks', 3, 'attn', 'qkv', 'kernel')
+
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight"}
+
+
+class MappingError(ValueError):
+    """A state_dict that does not fit the model: the message lists what is wrong."""
+
+
+def official_key(path: Path) -> str:
+    """('blocks', 3, 'norm1', 'scale') -> 'blocks.3.norm1.weight'."""
+    *parents, leaf = (str(p) for p in path)
+    return ".".join([*parents, _LEAF_TO_TORCH.get(leaf, leaf)])
+
+
+def to_official(path: Path, value: np.ndarray) -> np.ndarray:
+    """A mae-jax value -> the official tensor layout."""
+    if path[-1] == "kernel":
+        return np.ascontiguousarray(value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T)
+    return np.asarray(value)
+
+
+def from_official(path: Path, value: np.ndarray) -> np.ndarray:
+    """An official tensor -> the mae-jax layout of the parameter at ``path``."""
+    if path[-1] == "kernel":
+        return np.ascontiguousarray(value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T)
+    return np.asarray(value)
+
+
+def flatten_tree(tree: Mapping, prefix: Path = ()) -> dict[Path, np.ndarray]:
+    """A nested dict (a model's pure state) -> {path: leaf}."""
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            flat.update(flatten_tree(v, (*prefix, k)))
+        else:
+            flat[(*prefix, k)] = v
+    return flat
+
+
+def unflatten_tree(flat: Mapping[Path, np.ndarray]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+@dataclass
+class Report:
+    """What a conversion used and left out."""
+
+    ignored: list[str] = field(default_factory=list)
+    filled_by_default: list[str] = field(default_factory=list)
+
+
+def state_from_official(
+    state_dict: Mapping[str, np.ndarray],
+    target: Mapping,
+    *,
+    ignore: tuple[str, ...] = (),
+    defaults: Mapping[str, np.ndarray] | None = None,
+) -> tuple[dict, Report]:
+    """Fill the nested ``target`` tree (arrays or shape structs) from an official state_dict.
+
+    Strict: every source key is used or matched by a regex in ``ignore``; every target leaf is
+    filled (from the source, or from ``defaults`` keyed by official name); every shape is checked.
+    Raises MappingError listing '+ unexpected', '- missing' and '! shape' keys.
+    """
+    report = Report()
+    defaults = dict(defaults or {})
+    flat_target = flatten_tree(target)
+    out, missing, mismatched, used = {}, [], [], set()
+    for path, leaf in flat_target.items():
+        key = official_key(path)
+        if key in state_dict:
+            value = from_official(path, np.asarray(state_dict[key]))
+            used.add(key)
+        elif key in defaults:
+            value = np.asarray(defaults[key])
+            report.filled_by_default.append(key)
+        else:
+            missing.append(key)
+            continue
+        if tuple(value.shape) != tuple(leaf.shape):
+            want = to_official(path, np.empty(leaf.shape, np.uint8)).shape
+            mismatched.append(f"{key}: {tuple(state_dict[key].shape)} in file, model needs {want}")
+            continue
+        out[path] = value.astype(np.dtype(leaf.dtype), copy=False)
+    unexpected = []
+    for key in state_dict:
+        if key in used:
+            continue
+        if any(re.fullmatch(pattern, key) for pattern in ignore):
+            report.ignored.append(key)
+        else:
+            unexpected.append(key)
+    if missing or unexpected or mismatched:
+        parts = [f"+ unexpected {k}" for k in unexpected] + [f"- missing {k}" for k in missing]
+        parts += [f"! shape {m}" for m in mismatched]
+        shown = "; ".join(parts[:12]) + (
+            f"; ... ({len(parts) - 12} more)" if len(parts) > 12 else ""
+        )
+        raise MappingError(
+            f"{len(unexpected)} unexpected, {len(missing)} missing, {len(mismatched)} mis-shaped "
+            f"keys: {shown}"
+        )
+    return unflatten_tree(out), report
+
+
+def official_from_state(state: Mapping) -> dict[str, np.ndarray]:
+    """A model's nested state -> an official-layout state_dict, in the official key order."""
+    flat = {official_key(p): to_official(p, np.asarray(v)) for p, v in flatten_tree(state).items()}
+    return dict(sorted(flat.items(), key=lambda kv: _official_order(kv[0])))
+
+
+def _official_order(key: str) -> tuple:
+    # The official state_dict order: tokens and tables, patch_embed, blocks, norm, decoder.
+    head = ["cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed"]
+    tail = ["blocks", "norm", "fc_norm", "head", "decoder_embed", "decoder_blocks"]
+    tail += ["decoder_norm", "decoder_pred"]
+    order = head + tail
+    parts = key.split(".")
+    rank = order.index(parts[0]) if parts[0] in order else len(order)
+    index = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
+    return (rank, index)
+
+
+# --------------------------------------------------------------------------- families
+
+
+FAMILY_MAE = "mae"  # encoder and decoder: the visualize and *_full files
+FAMILY_ENCODER = "mae_encoder"  # encoder only: the mae_pretrain_vit_*.pth files
+FAMILY_CLASSIFIER = "classifier"  # fine-tuned models_vit classifiers (fc_norm or norm, head)
+
+FAMILY_HELP = {
+    FAMILY_MAE: "an MAE with its decoder (mae_visualize_vit_*.pth or mae_pretrain_vit_*_full.pth)",
+    FAMILY_ENCODER: "an encoder-only MAE pretraining checkpoint (mae_pretrain_vit_*.pth): no decoder",
+    FAMILY_CLASSIFIER: "a fine-tuned classifier (mae_finetuned_vit_*.pth): encoder, pooling norm and head",
+}
+
+
+def detect_family(state_dict: Mapping[str, np.ndarray]) -> str:
+    """Which official family a state_dict belongs to; MappingError if it is none of them."""
+    keys = set(state_dict)
+    if "head.weight" in keys:
+        return FAMILY_CLASSIFIER
+    if "patch_embed.proj.weight" not in keys or "cls_token" not in keys or "pos_embed" not in keys:
+        raise MappingError(
+            "not an MAE or ViT state_dict (no patch_embed.proj.weight / cls_token / pos_embed)"
+        )
+    if any(k.startswith(("decoder_", "mask_token")) for k in keys):
+        return FAMILY_MAE
+    return FAMILY_ENCODER
+
+
+def _count_blocks(keys, prefix: str) -> int:
+    ids = {int(m.group(1)) for k in keys if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
+    return max(ids) + 1 if ids else 0
+
+
+def infer_config(state_dict: Mapping[str, np.ndarray], family: str) -> tuple[str, MAEConfig]:
+    """(preset name, config) whose sizes fit the tensor shapes; MappingError if no preset does.
+
+    Head counts cannot be read from shapes, so the architecture must match a preset's widths and
+    depths; the image size is read from the position table, so it may differ from the preset's.
+    """
+    proj = state_dict["patch_embed.proj.weight"]
+    embed_dim, in_chans, patch_size, _ = proj.shape
+    num_patches = state_dict["pos_embed"].shape[1] - 1
+    grid = int(round(num_patches**0.5))
+    if grid * grid != num_patches:
+        raise MappingError(f"pos_embed has {num_patches} patch rows, not a square grid")
+    found = {
+        "embed_dim": embed_dim,
+        "depth": _count_blocks(state_dict, "blocks"),
+        "patch_size": patch_size,
+        "in_chans": in_chans,
+    }
+    if family == FAMILY_MAE:
+        found["decoder_embed_dim"] = state_dict["decoder_embed.weight"].shape[0]
+        found["decoder_depth"] = _count_blocks(state_dict, "decoder_blocks")
+    if "blocks.0.mlp.fc1.weight" in state_dict:
+        found["mlp_ratio"] = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    for name, preset in PRESETS.items():
+        if all(getattr(preset, k) == v for k, v in found.items()):
+            return name, preset.replace(img_size=grid * patch_size)
+    shown = ", ".join(f"{k} {v}" for k, v in found.items())
+    raise MappingError(f"its shapes ({shown}) fit no preset; known presets: {', '.join(PRESETS)}")
+
+
+def check_arch(name: str, config: MAEConfig, arch: str) -> None:
+    """MappingError when the requested ``arch`` preset disagrees with the inferred shapes."""
+    if arch not in PRESETS:
+        raise MappingError(f"unknown --arch {arch!r}; known presets: {', '.join(PRESETS)}")
+    if arch == name:
+        return
+    want = PRESETS[arch]
+    diffs = [
+        f"{f} {getattr(config, f)} in the file, {getattr(want, f)} in {arch}"
+        for f in ("embed_dim", "depth", "patch_size", "decoder_embed_dim", "decoder_depth")
+        if getattr(config, f) != getattr(want, f)
+    ]
+    raise MappingError(f"--arch {arch} does not fit the file: " + "; ".join(diffs or [name]))

@@ -1,0 +1,52 @@
+"""Export a mae-jax checkpoint directory as an official-layout ``.pth`` ({'model': state_dict}).
+
+    python convert/orbax_to_pth.py out/mae_vit_large back.pth
+
+The official ``models_mae`` model loads the result with ``strict=True``; a file converted with
+pth_to_orbax.py comes back with bit-identical tensors. torch is not needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from convert import mapping
+from convert.pth_io import PthError, write_pth
+from mae_jax.checkpoint import CheckpointError, load_model, state_as_numpy
+
+
+def export_pth(checkpoint: str | Path, dst: str | Path, *, force: bool = False) -> Path:
+    """Write the checkpoint's weights to ``dst`` as {'model': official state_dict}."""
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst}: already exists (pass --force to replace it)")
+    state_dict = mapping.official_from_state(state_as_numpy(load_model(checkpoint)))
+    write_pth({"model": state_dict}, dst)
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="orbax_to_pth.py",
+        description="Export a mae-jax checkpoint directory as an official-layout .pth file.",
+    )
+    p.add_argument("checkpoint", help="mae-jax checkpoint directory")
+    p.add_argument("dst", help="the .pth file to write")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    args = p.parse_args(argv)
+    try:
+        dst = export_pth(args.checkpoint, args.dst, force=args.force)
+    except (CheckpointError, PthError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Convert an official MAE ``.pth`` checkpoint into a mae-jax (Orbax) checkpoint directory.
+
+    python convert/pth_to_orbax.py mae_visualize_vit_large.pth out/mae_vit_large
+
+The architecture is inferred from the tensor shapes (``--arch`` is checked against them when given).
+The file is read without unpickling arbitrary objects and without torch. The output directory is
+written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from convert import mapping
+from convert.pth_io import PthError, read_pth
+from mae_jax.checkpoint import CheckpointError, build_model, save_model
+from mae_jax.pos_embed import sincos_2d
+
+CONVERTER_VERSION = "1"
+
+
+class ConversionError(Exception):
+    """A source file that cannot be converted; the message names the file and the reason."""
+
+
+def extract_state_dict(obj: object, src: Path) -> dict[str, np.ndarray]:
+    """The weights inside a loaded .pth: {'model': sd}, a full training checkpoint, or a bare sd."""
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise ConversionError(f"{src}: holds no state_dict (expected a dict of tensors)")
+    not_arrays = [k for k, v in obj.items() if not isinstance(v, np.ndarray)]
+    if not_arrays:
+        raise ConversionError(
+            f"{src}: not a state_dict: entries {', '.join(map(str, not_arrays[:5]))} are not tensors"
+        )
+    # Weights saved from a DistributedDataParallel wrapper carry a 'module.' prefix.
+    if all(str(k).startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _norm_pix_from_name(src: Path, family: str) -> tuple[bool, str]:
+    name = src.name.lower()
+    if "_full" in name:
+        return True, "inferred from the file name (*_full: normalized-pixel targets)"
+    if "visualize" in name:
+        return False, "inferred from the file name (visualize: pixel targets)"
+    if family == mapping.FAMILY_ENCODER and name.startswith("mae_pretrain"):
+        return True, "inferred from the file name (released pretraining used normalized pixels)"
+    return False, "not recorded in the file; assumed pixel targets (pass --norm-pix-loss otherwise)"
+
+
+def _pos_table_gap(sd: Mapping[str, np.ndarray], key: str) -> float | None:
+    """Max |checkpoint table - recomputed sin-cos table|: a fact worth recording, never an error."""
+    if key not in sd:
+        return None
+    table = sd[key][0]
+    grid = int(round((table.shape[0] - 1) ** 0.5))
+    return float(np.abs(table - sincos_2d(table.shape[1], grid)).max())
+
+
+def convert_pth(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    encoder_only: bool = False,
+    norm_pix_loss: bool | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> tuple[Path, dict]:
+    """Convert ``src`` into the checkpoint directory ``out``; returns (path, metadata)."""
+    src, out = Path(src), Path(out)
+    if out.exists() and not force:
+        raise ConversionError(f"{out}: already exists (pass --force to replace it)")
+    sd = extract_state_dict(read_pth(src, progress=progress), src)
+    try:
+        family = mapping.detect_family(sd)
+        ignore: tuple[str, ...] = ()
+        defaults = {}
+        if family == mapping.FAMILY_CLASSIFIER:
+            if not encoder_only:
+                raise ConversionError(
+                    f"{src}: is {mapping.FAMILY_HELP[family]}, not an MAE; pass --encoder-only to "
+                    "extract its encoder"
+                )
+            ignore = (r"head\..*", r"fc_norm\..*")
+            if "norm.weight" not in sd:  # global-pool classifiers have fc_norm instead of norm
+                dim = sd["cls_token"].shape[-1]
+                defaults = {
+                    "norm.weight": np.ones(dim, np.float32),
+                    "norm.bias": np.zeros(dim, np.float32),
+                }
+        elif family == mapping.FAMILY_MAE and encoder_only:
+            ignore = (r"decoder_.*", r"mask_token")
+        model_type = "mae" if family == mapping.FAMILY_MAE and not encoder_only else "mae_encoder"
+        preset, config = mapping.infer_config(sd, family)
+        if arch is not None:
+            mapping.check_arch(preset, config, arch)
+        if norm_pix_loss is None:
+            norm_pix_loss, norm_pix_source = _norm_pix_from_name(src, family)
+        else:
+            norm_pix_source = "given on the command line"
+        config = config.replace(norm_pix_loss=norm_pix_loss)
+
+        import jax
+        from flax import nnx
+
+        abstract = nnx.eval_shape(lambda: build_model(model_type, config))
+        graphdef, state = nnx.split(abstract)
+        values, report = mapping.state_from_official(
+            sd, nnx.to_pure_dict(state), ignore=ignore, defaults=defaults
+        )
+    except mapping.MappingError as e:
+        raise ConversionError(f"{src}: {e}") from None
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, values))
+    model = nnx.merge(graphdef, state)
+    metadata = {
+        "preset": preset,
+        "family": family,
+        "source": {"file": src.name, "sha256": _sha256(src), "bytes": src.stat().st_size},
+        "converter_version": CONVERTER_VERSION,
+        "norm_pix_loss_source": norm_pix_source,
+        "ignored_keys": report.ignored,
+        "filled_by_default": report.filled_by_default,
+        "pos_embed_max_abs_diff_from_sincos": _pos_table_gap(sd, "pos_embed"),
+        "decoder_pos_embed_max_abs_diff_from_sincos": _pos_table_gap(sd, "decoder_pos_embed"),
+    }
+    return save_model(model, out, metadata=metadata, force=force), metadata
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pth_to_orbax.py",
+        description="Convert an official MAE .pth checkpoint into a mae-jax checkpoint directory.",
+    )
+    p.add_argument(
+        "src",
+        help="the .pth file (official layout: {'model': state_dict}, a training checkpoint, or a bare state_dict)",
+    )
+    p.add_argument("out", help="output checkpoint directory (must not exist unless --force)")
+    p.add_argument(
+        "--arch",
+        help="expected preset name (e.g. mae_vit_large_patch16); checked against the shapes",
+    )
+    p.add_argument(
+        "--encoder-only",
+        action="store_true",
+        help="keep the encoder only (needed for a fine-tuned classifier)",
+    )
+    targets = p.add_mutually_exclusive_group()
+    targets.add_argument(
+        "--norm-pix-loss",
+        dest="norm_pix_loss",
+        action="store_true",
+        default=None,
+        help="the model was trained on per-patch normalized pixels",
+    )
+    targets.add_argument(
+        "--pixel-targets",
+        dest="norm_pix_loss",
+        action="store_false",
+        help="the model was trained on plain (normalized-image) pixels",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        out, meta = convert_pth(
+            args.src,
+            args.out,
+            arch=args.arch,
+            encoder_only=args.encoder_only,
+            norm_pix_loss=args.norm_pix_loss,
+            force=args.force,
+            progress=not args.quiet,
+        )
+    except (ConversionError, PthError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kind = mapping.FAMILY_HELP[meta["family"]]
+    print(f"wrote {out}: {meta['preset']}, {kind}")
+    if meta["ignored_keys"]:
+        print(f"  ignored {len(meta['ignored_keys'])} keys: {', '.join(meta['ignored_keys'][:6])}")
+    if meta["family"] == mapping.FAMILY_ENCODER:
+        print(
+            "  note: no decoder in this file; it cannot reconstruct images (use mae_visualize_* or *_full)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
