@@ -1,0 +1,607 @@
+"""MAE pretraining: the official recipe, data-parallel over every local device with ``jax.pmap``.
+
+Read top to bottom: the run's configuration; the pure per-device train step (the only place that
+knows about devices is ``make_p_train_step``, which wraps it in ``jax.pmap``); the training state and
+its checkpoints; the loop with its progress bar, metrics, reconstructions and interruption handling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mae_jax import masking, optim
+from mae_jax.config import MAEConfig, get_config
+from mae_jax.model import FixedEmbedding, MaskedAutoencoderViT
+
+AXIS = "devices"  # the pmap axis name
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a bad configuration, a non-finite loss); the message says why."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """A pretraining run. Defaults follow the official recommended command (PRETRAIN.md), which
+    differs from the official argparse defaults: norm_pix_loss on, 800 epochs, blr 1.5e-4."""
+
+    preset: str = "mae_vit_large_patch16"
+    data: str | None = None  # image folder; None means the bundled sample photographs
+    img_size: int | None = None  # None: the preset's (224)
+    batch_size: int = 64  # per device; global = batch_size * local devices * hosts
+    accum_iter: int = 1
+    epochs: int = 800
+    warmup_epochs: int = 40
+    blr: float = 1.5e-4  # lr = blr * effective batch / 256
+    lr: float | None = None  # absolute peak lr; overrides blr
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+    seed: int = 0
+    max_steps: int | None = None  # stop after this many micro-steps (a short run), else all epochs
+    log_every: int = 20  # micro-steps between metric lines
+    ckpt_every: int = 1000  # micro-steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3
+    recon_every: int = 1000  # micro-steps between reconstruction figures; 0 = never
+    recon_images: int = 4
+    read_threads: int = 16
+    worker_count: int = 0
+
+    def model_config(self) -> MAEConfig:
+        overrides: dict[str, Any] = {"norm_pix_loss": self.norm_pix_loss}
+        if self.img_size is not None:
+            overrides["img_size"] = self.img_size
+        return get_config(self.preset, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TrainingError(f"unknown pretraining settings: {', '.join(unknown)}")
+        return cls(**d)
+
+    def with_overrides(self, assignments: list[str]) -> PretrainConfig:
+        """Apply ``key=value`` strings, each value parsed to the field's type."""
+        types_ = {f.name: f.type for f in dataclasses.fields(self)}
+        changes = {}
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in types_:
+                known = ", ".join(sorted(types_))
+                raise TrainingError(f"--set {item!r}: expected key=value with key one of: {known}")
+            changes[key] = _parse_value(key, raw.strip(), str(types_[key]))
+        return dataclasses.replace(self, **changes)
+
+
+def _parse_value(key: str, raw: str, type_name: str) -> Any:
+    if raw.lower() in ("none", "null") and "None" in type_name:
+        return None
+    try:
+        if type_name.startswith("bool"):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise TrainingError(f"--set {key}={raw}: not a valid {type_name}") from None
+    return raw
+
+
+# --------------------------------------------------------------------------- the train step
+
+
+def loss_and_grads(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    fixed: nnx.State,
+    imgs_NxHxWxC: jax.Array,
+    noise_NxL: jax.Array,
+    mask_ratio: float,
+) -> tuple[jax.Array, nnx.State]:
+    """The MAE loss of a batch under the masks that ``noise`` selects, and its parameter gradients."""
+
+    def loss_fn(p):
+        model = nnx.merge(graphdef, p, fixed)
+        return model(imgs_NxHxWxC, noise=noise_NxL, mask_ratio=mask_ratio)[0]
+
+    return jax.value_and_grad(loss_fn)(params)
+
+
+def device_grads(
+    params: nnx.State,
+    fixed: nnx.State,
+    imgs_NxHxWxC: jax.Array,
+    key: jax.Array,
+    step: jax.Array,
+    *,
+    graphdef: nnx.GraphDef,
+    mask_ratio: float,
+    num_patches: int,
+) -> tuple[jax.Array, nnx.State]:
+    """Loss and gradients of one device's shard with its own masks, averaged over all devices."""
+    device_key = masking.step_device_key(key, step, AXIS)
+    noise = masking.random_noise(device_key, imgs_NxHxWxC.shape[0], num_patches)
+    loss, grads = loss_and_grads(graphdef, params, fixed, imgs_NxHxWxC, noise, mask_ratio)
+    return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS)
+
+
+def train_step(
+    params: nnx.State,
+    opt_state: optax.OptState,
+    fixed: nnx.State,
+    imgs_NxHxWxC: jax.Array,
+    key: jax.Array,
+    step: jax.Array,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    mask_ratio: float,
+    num_patches: int,
+) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
+    """One micro-step on one device: averaged gradients, then the optimizer update."""
+    loss, grads = device_grads(
+        params,
+        fixed,
+        imgs_NxHxWxC,
+        key,
+        step,
+        graphdef=graphdef,
+        mask_ratio=mask_ratio,
+        num_patches=num_patches,
+    )
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": loss}
+
+
+def make_p_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mask_ratio: float, num_patches: int
+) -> Callable:
+    """``train_step`` over every local device: the only ``jax.pmap`` of training.
+
+    Arguments: replicated params, opt_state and fixed tables (leading device axis), images split
+    on axis 0, then the base key and the micro-step, shared by all devices.
+    """
+    step_fn = functools.partial(
+        train_step, graphdef=graphdef, tx=tx, mask_ratio=mask_ratio, num_patches=num_patches
+    )
+    return jax.pmap(
+        step_fn, axis_name=AXIS, in_axes=(0, 0, 0, 0, None, None), donate_argnums=(0, 1)
+    )
+
+
+def replicate(tree: Any, n: int) -> Any:
+    """Stack ``n`` copies of every leaf on a new leading axis (one per device)."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """Device 0's copy of a replicated tree, as host numpy arrays."""
+    return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+
+
+def shard_batch(images_BxHxWxC: np.ndarray, n: int) -> np.ndarray:
+    """[n * b, H, W, C] -> [n, b, H, W, C]: one slice per local device."""
+    if images_BxHxWxC.shape[0] % n:
+        raise TrainingError(f"batch of {images_BxHxWxC.shape[0]} does not split over {n} devices")
+    return images_BxHxWxC.reshape(n, -1, *images_BxHxWxC.shape[1:])
+
+
+# --------------------------------------------------------------------------- state and checkpoints
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Host-side handle on the replicated training state."""
+
+    graphdef: nnx.GraphDef
+    params: nnx.State  # replicated: leading device axis
+    fixed: nnx.State  # replicated fixed tables (position embeddings)
+    opt_state: optax.OptState  # replicated
+    step: int  # micro-steps done
+
+
+def split_model(model: MaskedAutoencoderViT) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    graphdef, params, fixed = nnx.split(model, nnx.Param, FixedEmbedding)
+    return graphdef, params, fixed
+
+
+def _flat_leaves(tree: Any) -> dict[str, np.ndarray]:
+    return {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+class Checkpoints:
+    """Orbax CheckpointManager in ``<workdir>/checkpoints``: asynchronous, atomic, keeps the last K.
+
+    Each step holds ``model`` (parameters and fixed tables, named as the official state_dict),
+    ``opt_state`` (the optimizer's leaves in order) and ``meta`` (JSON: step, data position,
+    RNG seed, the run's config).
+    """
+
+    def __init__(self, workdir: Path, keep: int):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            (workdir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, meta: dict[str, Any]) -> None:
+        ocp = self._ocp
+        model_tree = {
+            "params": nnx.to_pure_dict(unreplicate(state.params)),
+            "fixed": nnx.to_pure_dict(unreplicate(state.fixed)),
+        }
+        self.manager.save(
+            state.step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardSave(model_tree),
+                opt_state=ocp.args.StandardSave(_flat_leaves(unreplicate(state.opt_state))),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+
+    def restore(
+        self, step: int, graphdef: nnx.GraphDef, params: nnx.State, fixed: nnx.State, opt_state
+    ) -> tuple[nnx.State, nnx.State, Any, dict]:
+        """Unreplicated (params, fixed, opt_state, meta) of ``step``, shaped like the templates."""
+        ocp = self._ocp
+        model_target = {"params": nnx.to_pure_dict(params), "fixed": nnx.to_pure_dict(fixed)}
+        leaves, treedef = jax.tree.flatten(opt_state)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(jax.tree.map(np.asarray, model_target)),
+                opt_state=ocp.args.StandardRestore(_flat_leaves(leaves)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        nnx.replace_by_pure_dict(params, restored.model["params"])
+        nnx.replace_by_pure_dict(fixed, restored.model["fixed"])
+        opt_leaves = [restored.opt_state[str(i)] for i in range(len(leaves))]
+        return params, fixed, jax.tree.unflatten(treedef, opt_leaves), restored.meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def load_trained_model(
+    workdir: str | os.PathLike, dtype: Any = jnp.float32
+) -> MaskedAutoencoderViT:
+    """The model of the latest checkpoint of a pretraining run directory."""
+    workdir = Path(workdir)
+    config = PretrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+    model = MaskedAutoencoderViT(config.model_config(), rngs=nnx.Rngs(0), dtype=dtype)
+    graphdef, params, fixed = split_model(model)
+    ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            raise TrainingError(f"{workdir}: the run has no checkpoint yet")
+        ocp = ckpts._ocp
+        target = {"params": nnx.to_pure_dict(params), "fixed": nnx.to_pure_dict(fixed)}
+        restored = ckpts.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(jax.tree.map(np.asarray, target))
+            ),
+        )
+    finally:
+        ckpts.close()
+    nnx.replace_by_pure_dict(params, restored.model["params"])
+    nnx.replace_by_pure_dict(fixed, restored.model["fixed"])
+    return nnx.merge(graphdef, params, fixed)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class _Interrupt:
+    """Turns SIGTERM and SIGINT into a flag the loop checks between steps (then it saves)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _default_data_folder() -> str:
+    from mae_jax import assets
+
+    return str(assets.sample_images_dir())
+
+
+def _recon_batch(folder, config: MAEConfig, count: int) -> np.ndarray | None:
+    """The first ``count`` readable images of the folder, center-cropped: the fixed figure set."""
+    from mae_jax.data import DataError, load_image
+
+    imgs = []
+    for path in folder.paths:
+        if len(imgs) == count:
+            break
+        try:
+            imgs.append(load_image(path, config.img_size, center_crop=True))
+        except (DataError, OSError):
+            continue
+    return np.stack(imgs) if imgs else None
+
+
+def _write_reconstructions(model, imgs, workdir: Path, step: int, seed: int, mask_ratio: float):
+    from mae_jax import visualize
+
+    out = model.forward_full(jnp.asarray(imgs), key=jax.random.key(seed), mask_ratio=mask_ratio)
+    panels = visualize.compute_panels(
+        imgs,
+        np.asarray(out.pred),
+        np.asarray(out.mask),
+        patch_size=model.config.patch_size,
+        norm_pix_loss=model.config.norm_pix_loss,
+    )
+    note = f"step {step}"
+    if model.config.norm_pix_loss:
+        note += "; norm-pix model: patches un-normalized with the true patch statistics"
+    figure = visualize.draw_figure(panels, note=note, scale=max(1, 128 // imgs.shape[1]))
+    visualize.save_png(figure, workdir / "reconstructions" / f"step_{step:08d}.png")
+
+
+def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+    """Run (or resume) pretraining in ``workdir``; returns a summary of the run."""
+    from mae_jax import data as data_lib
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_config = config.model_config()
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
+    if dtype is None:
+        raise TrainingError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
+    _check_saved_config(workdir, config)
+
+    # ---- data: this host's shard, batches of batch_size * local devices
+    n_dev = jax.local_device_count()
+    folder = data_lib.ImageFolder(config.data or _default_data_folder())
+    host_batch = config.batch_size * n_dev
+    loader = data_lib.pretrain_batches(
+        folder,
+        batch_size=host_batch,
+        img_size=model_config.img_size,
+        seed=config.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        read_threads=config.read_threads,
+        worker_count=config.worker_count,
+    )
+    iters_per_epoch = loader.steps_per_epoch
+    if config.accum_iter > iters_per_epoch:
+        raise TrainingError(
+            f"accum_iter {config.accum_iter} exceeds the {iters_per_epoch} batches of an epoch"
+        )
+    total_steps = config.epochs * iters_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    # ---- model and optimizer
+    eff_batch = host_batch * jax.process_count() * config.accum_iter
+    peak_lr = config.lr if config.lr is not None else optim.scaled_lr(config.blr, eff_batch)
+    schedule = optim.epoch_schedule(
+        peak_lr,
+        min_lr=config.min_lr,
+        epochs=config.epochs,
+        warmup_epochs=config.warmup_epochs,
+        iters_per_epoch=iters_per_epoch,
+        accum_iter=config.accum_iter,
+    )
+    tx = optim.make_pretrain_optimizer(
+        schedule, weight_decay=config.weight_decay, accum_steps=config.accum_iter
+    )
+    model = MaskedAutoencoderViT(model_config, rngs=nnx.Rngs(config.seed), dtype=dtype)
+    graphdef, params, fixed = split_model(model)
+    opt_state = tx.init(params)
+
+    # ---- restore
+    ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
+    step = 0
+    start = ckpts.latest_step()
+    if start is not None:
+        params, fixed, opt_state, meta = ckpts.restore(start, graphdef, params, fixed, opt_state)
+        loader.set_state(meta["data"])
+        step = int(meta["step"])
+        print(f"resuming from {workdir / 'checkpoints'} at step {step} (epoch {loader.epoch})")
+    state = TrainState(
+        graphdef,
+        replicate(params, n_dev),
+        replicate(fixed, n_dev),
+        replicate(opt_state, n_dev),
+        step,
+    )
+    p_train_step = make_p_train_step(graphdef, tx, config.mask_ratio, model_config.num_patches)
+    base_key = jax.random.key(config.seed)
+
+    # ---- observability
+    from mae_jax.tbwriter import SummaryWriter
+
+    metrics_file = open(workdir / "metrics.jsonl", "a")
+    tb = SummaryWriter(workdir / "tensorboard")
+    recon_imgs = (
+        _recon_batch(folder, model_config, config.recon_images) if config.recon_every else None
+    )
+    bar = _progress(progress, total_steps, step)
+    window: list[float] = []
+    t_window = time.perf_counter()
+    summary = {"start_step": step, "interrupted": None}
+
+    def save():
+        meta = {
+            "step": state.step,
+            "epoch": loader.epoch,
+            "data": loader.get_state(),
+            "seed": config.seed,
+            "config": config.to_dict(),
+        }
+        ckpts.save(state, meta)
+
+    try:
+        with _Interrupt() as interrupt:
+            while state.step < total_steps:
+                epoch, batch = next(loader)
+                imgs = shard_batch(batch["image"], n_dev)
+                new_params, new_opt, metrics = p_train_step(
+                    state.params, state.opt_state, state.fixed, imgs, base_key, state.step
+                )
+                loss = float(metrics["loss"][0])
+                if not math.isfinite(loss):
+                    last = ckpts.latest_step()
+                    raise TrainingError(
+                        f"loss is {loss} at step {state.step} (epoch {epoch}); stopped. "
+                        + (
+                            f"The last good checkpoint (step {last}) is intact."
+                            if last is not None
+                            else "No checkpoint was written yet."
+                        )
+                    )
+                state.params, state.opt_state = new_params, new_opt
+                state.step += 1
+                window.append(loss)
+                lr = float(schedule(state.step // config.accum_iter))
+                bar.update(1)
+                if state.step % config.log_every == 0 or state.step == total_steps:
+                    now = time.perf_counter()
+                    record = {
+                        "step": state.step,
+                        "epoch": epoch,
+                        "loss": float(np.mean(window)),
+                        "lr": lr,
+                        "images_per_s": len(window) * host_batch / (now - t_window),
+                        "skipped_images": loader.num_skipped,
+                    }
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    for k in ("loss", "lr", "images_per_s", "skipped_images"):
+                        tb.scalar(f"train/{k}", record[k], state.step)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}",
+                        lr=f"{lr:.2e}",
+                        img_s=f"{record['images_per_s']:.1f}",
+                    )
+                    window, t_window = [], now
+                if config.recon_every and state.step % config.recon_every == 0:
+                    _write_reconstructions(
+                        nnx.merge(graphdef, unreplicate(state.params), unreplicate(state.fixed)),
+                        recon_imgs,
+                        workdir,
+                        state.step,
+                        config.seed,
+                        config.mask_ratio,
+                    )
+                if state.step % config.ckpt_every == 0 or state.step == total_steps:
+                    save()
+                if interrupt.signal is not None:
+                    if ckpts.latest_step() != state.step:
+                        save()
+                    summary["interrupted"] = signal.Signals(interrupt.signal).name
+                    break
+    finally:
+        ckpts.wait()
+        ckpts.close()
+        bar.close()
+        metrics_file.close()
+        tb.close()
+        loader.close()
+    summary.update(end_step=state.step, total_steps=total_steps, skipped_images=loader.num_skipped)
+    if recon_imgs is not None and summary["interrupted"] is None:
+        _write_reconstructions(
+            nnx.merge(graphdef, unreplicate(state.params), unreplicate(state.fixed)),
+            recon_imgs,
+            workdir,
+            state.step,
+            config.seed,
+            config.mask_ratio,
+        )
+    return summary
+
+
+def _check_saved_config(workdir: Path, config: PretrainConfig) -> None:
+    """Write config.json on the first run; a resumed run must have the same settings."""
+    path = workdir / "config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        # Settings that only change logging or the run's length may differ on resume.
+        free = {
+            "max_steps",
+            "log_every",
+            "ckpt_every",
+            "recon_every",
+            "read_threads",
+            "worker_count",
+        }
+        diffs = [
+            f"{k}: {saved.get(k)!r} -> {v!r}"
+            for k, v in config.to_dict().items()
+            if k not in free and saved.get(k) != v
+        ]
+        if diffs:
+            raise TrainingError(
+                f"{path}: this workdir holds a run with other settings ({'; '.join(diffs)}); "
+                "use another --workdir"
+            )
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return types.SimpleNamespace(
+            update=lambda n: None, set_postfix=lambda **k: None, close=lambda: None
+        )
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)

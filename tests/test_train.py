@@ -1,0 +1,213 @@
+"""Data-parallel pretraining on 8 fake CPU devices (see conftest.py)."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from PIL import Image
+
+import mae_jax
+from mae_jax import masking, train
+
+TINY = "mae_vit_tiny_patch4"
+N_DEV = 8
+
+
+def _split(seed=0):
+    return train.split_model(mae_jax.create_model(TINY, rngs=nnx.Rngs(seed)))
+
+
+def _global_noise(key, step, per_device, num_patches):
+    """The masks the 8 devices draw, concatenated in device order."""
+    return jnp.concatenate(
+        [
+            masking.random_noise(
+                jax.random.fold_in(jax.random.fold_in(key, step), d), per_device, num_patches
+            )
+            for d in range(N_DEV)
+        ]
+    )
+
+
+def test_pmap_grads_equal_single_device_on_the_global_batch():
+    assert jax.local_device_count() == N_DEV
+    graphdef, params, fixed = _split()
+    imgs = jax.random.normal(jax.random.key(1), (N_DEV * 2, 32, 32, 3))
+    key, step = jax.random.key(7), 3
+    p_grads = jax.pmap(
+        functools.partial(train.device_grads, graphdef=graphdef, mask_ratio=0.75, num_patches=64),
+        axis_name=train.AXIS,
+        in_axes=(0, 0, 0, None, None),
+    )
+    loss_p, grads_p = p_grads(
+        train.replicate(params, N_DEV),
+        train.replicate(fixed, N_DEV),
+        train.shard_batch(imgs, N_DEV),
+        key,
+        step,
+    )
+    noise = _global_noise(key, step, 2, 64)
+    loss_1, grads_1 = train.loss_and_grads(graphdef, params, fixed, imgs, noise, 0.75)
+    np.testing.assert_allclose(loss_p, np.full(N_DEV, loss_1), rtol=1e-6)
+    for gp, g1 in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_1), strict=True):
+        np.testing.assert_allclose(gp, np.broadcast_to(g1, gp.shape), rtol=0, atol=1e-6)
+    # each device drew its own masks
+    rows = {np.asarray(n).tobytes() for n in masking.masking_from_noise(noise, 0.75).mask[::2]}
+    assert len(rows) == N_DEV
+
+
+def test_replicas_stay_identical_and_steps_draw_new_masks():
+    graphdef, params, fixed = _split()
+    tx = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.05)
+    step_fn = train.make_p_train_step(graphdef, tx, 0.75, 64)
+    p = train.replicate(params, N_DEV)
+    o = train.replicate(tx.init(params), N_DEV)
+    f = train.replicate(fixed, N_DEV)
+    imgs = train.shard_batch(
+        np.asarray(jax.random.normal(jax.random.key(2), (16, 32, 32, 3))), N_DEV
+    )
+    losses = []
+    for step in range(3):
+        p, o, m = step_fn(p, o, f, imgs, jax.random.key(0), step)
+        losses.append(float(m["loss"][0]))
+        for leaf in jax.tree.leaves(p):
+            assert all(np.array_equal(leaf[0], leaf[i]) for i in range(1, N_DEV))
+    # same images, new masks every step: the losses differ
+    assert len(set(losses)) == 3
+    n0 = _global_noise(jax.random.key(0), 0, 2, 64)
+    n1 = _global_noise(jax.random.key(0), 1, 2, 64)
+    assert not np.array_equal(n0, n1)
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def _image_folder(root: Path, n=32, size=40, corrupt=0) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        # smooth images (gradients and blobs) so that a tiny MAE can learn something quickly
+        a, b, c = rng.uniform(0, 1, 3)
+        img = np.stack(
+            [255 * (a * xx / size), 255 * (b * yy / size), 255 * c * np.sin(xx / 5.0 + i) ** 2], -1
+        )
+        Image.fromarray(img.astype(np.uint8)).save(root / f"img_{i:03d}.png")
+    for j in range(corrupt):
+        (root / f"bad_{j}.jpg").write_bytes(b"not a jpeg at all")
+    return root
+
+
+def _cfg(data, **kw):
+    base = dict(
+        preset=TINY,
+        data=str(data),
+        batch_size=1,
+        epochs=40,
+        warmup_epochs=1,
+        lr=2e-3,
+        log_every=1,
+        ckpt_every=4,
+        recon_every=0,
+        read_threads=2,
+        seed=0,
+    )
+    base.update(kw)
+    return train.PretrainConfig(**base)
+
+
+def _losses(workdir: Path) -> list[float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _image_folder(tmp_path_factory.mktemp("imgs"))
+
+
+def test_loss_falls_on_a_tiny_folder(folder, tmp_path):
+    summary = train.pretrain(_cfg(folder, max_steps=60, recon_every=30), tmp_path, progress=False)
+    assert summary["end_step"] == 60
+    losses = _losses(tmp_path)
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
+    assert sorted(os.listdir(tmp_path / "reconstructions")) == [
+        "step_00000030.png",
+        "step_00000060.png",
+    ]
+    assert any(
+        p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir()
+    )
+    model = mae_jax.load_pretrained(str(tmp_path))
+    assert isinstance(model, mae_jax.MaskedAutoencoderViT) and model.config.norm_pix_loss
+
+
+def test_resume_gives_the_same_losses_bitwise(folder, tmp_path):
+    train.pretrain(_cfg(folder, max_steps=10), tmp_path / "straight", progress=False)
+    train.pretrain(_cfg(folder, max_steps=6), tmp_path / "resumed", progress=False)
+    assert len(_losses(tmp_path / "resumed")) == 6
+    summary = train.pretrain(_cfg(folder, max_steps=10), tmp_path / "resumed", progress=False)
+    assert summary["start_step"] == 6
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+
+
+def test_a_changed_setting_is_refused_on_resume(folder, tmp_path):
+    train.pretrain(_cfg(folder, max_steps=2), tmp_path, progress=False)
+    with pytest.raises(train.TrainingError, match=r"other settings \(mask_ratio: 0.75 -> 0.5\)"):
+        train.pretrain(_cfg(folder, max_steps=4, mask_ratio=0.5), tmp_path, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(folder, tmp_path):
+    with pytest.raises(
+        train.TrainingError,
+        match=r"loss is nan at step \d+.*last good checkpoint \(step \d+\) is intact",
+    ):
+        train.pretrain(
+            _cfg(folder, max_steps=40, lr=1e6, ckpt_every=1, warmup_epochs=0),
+            tmp_path,
+            progress=False,
+        )
+    model = mae_jax.load_pretrained(str(tmp_path))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    data = _image_folder(tmp_path / "imgs", n=16, corrupt=8)
+    train.pretrain(_cfg(data, max_steps=3), tmp_path / "run", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["skipped_images"] > 0
+
+
+def test_sigterm_saves_before_exiting(folder, tmp_path):
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import tests.conftest\n"
+        "from mae_jax import train\n"
+        "from tests.test_train import _cfg\n"
+        "s = train.pretrain(_cfg(%r, max_steps=100000, ckpt_every=100000), %r, progress=False)\n"
+        "print('INTERRUPTED', s['interrupted'], s['end_step'])\n"
+    ) % (str(Path(__file__).parent.parent), str(folder), str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (tmp_path / "metrics.jsonl").exists() and len(_losses(tmp_path)) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    _, name, end_step = out.strip().splitlines()[-1].split()
+    assert name == "SIGTERM"
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [int(end_step)]
