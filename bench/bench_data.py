@@ -51,16 +51,20 @@ def main() -> None:
                                    worker_count=args.workers) as loader:
             for _ in range(2):  # threads start and fill their buffer
                 next(loader)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(args.batches):
                 _, batch = next(loader)
             elapsed = time.perf_counter() - start
+            cpu = time.process_time() - cpu_start
         # Threads still decoding when the loader closes would log the deleted temporary files.
         logging.getLogger(data.__name__).setLevel(logging.ERROR)
         assert batch["image"].shape == (args.batch_size, 224, 224, 3)
-    rate = args.batches * args.batch_size / elapsed
-    print(f"pretrain pipeline: {rate:.0f} images/s ({len(folder)} JPEGs 500x375 -> 224x224, "
-          f"batch {args.batch_size}, workers {args.workers}, {os.cpu_count()} CPUs)")
+    count = args.batches * args.batch_size
+    print(f"pretrain pipeline: {count / elapsed:.0f} images/s ({len(folder)} JPEGs 500x375 -> "
+          f"224x224, batch {args.batch_size}, workers {args.workers}, {os.cpu_count()} CPUs)")
+    # CPU time per image varies less than wall time on a shared machine; with workers it only
+    # counts the main process.
+    print(f"main-process CPU time: {1e3 * cpu / count:.2f} ms per image")
 
 
 if __name__ == "__main__":

@@ -410,17 +410,19 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
         return self._next_batch % self.steps_per_epoch
 
     def _seek(self, batch_index: int) -> None:
-        """Restart the grain pipeline at global batch ``batch_index``."""
+        """Move to global batch ``batch_index``; the pipeline restarts there on the next batch."""
         self.close()
         self._next_batch = batch_index
+
+    def _open(self) -> Iterator[dict[str, np.ndarray]]:
+        """A grain pipeline from the next batch to ``end_epoch`` (or practically forever)."""
         stop = None if self.end_epoch is None else self.end_epoch * self.steps_per_epoch
-        if stop is not None and batch_index >= stop:
-            return
+        if stop is not None and self._next_batch >= stop:
+            raise StopIteration
         per_batch = self.batch_size
-        # A range this long never ends in practice: 2**62 examples.
         stop_position = 2**62 if stop is None else stop * per_batch
         dataset = (
-            grain.MapDataset.range(batch_index * per_batch, stop_position)
+            grain.MapDataset.range(self._next_batch * per_batch, stop_position)
             .map(self._example)
             .to_iter_dataset(self.read_options)
             .batch(per_batch, drop_remainder=True)
@@ -430,11 +432,12 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
             dataset = dataset.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self.worker_count)
             )
-        self._iterator = iter(dataset)
+        return iter(dataset)
 
     def __next__(self) -> tuple[int, dict[str, np.ndarray]]:
         if self._iterator is None:
-            raise StopIteration
+            # Started lazily, so that set_state() right after construction wastes no reading.
+            self._iterator = self._open()
         batch = next(self._iterator)
         epoch = self.epoch
         self._next_batch += 1
