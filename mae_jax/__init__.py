@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -34,10 +36,16 @@ def create_model(
     )
 
 
-def load_pretrained(path: str, *, dtype: Any = jnp.float32):
-    """The model saved in a mae-jax checkpoint directory (written by the converter or by training)."""
-    from mae_jax.checkpoint import load_model
+def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Module:
+    """The model in a mae-jax checkpoint directory (from the converter or ``mae-jax export``), or
+    the latest checkpoint of a ``mae-jax pretrain`` run directory."""
+    from mae_jax.checkpoint import METADATA_FILE, load_model
 
+    path = Path(path)
+    if not (path / METADATA_FILE).exists() and (path / "checkpoints").is_dir():
+        from mae_jax.train import load_trained_model
+
+        return load_trained_model(path, dtype=dtype)
     return load_model(path, dtype=dtype)
 
 

@@ -100,6 +100,17 @@ PRESETS: dict[str, MAEConfig] = {
         decoder_depth=2,
         decoder_num_heads=3,
     ),
+    # The small model that ships with the package for the offline demo (mae_jax/assets).
+    "mae_demo_patch8": MAEConfig(
+        img_size=64,
+        patch_size=8,
+        embed_dim=128,
+        depth=4,
+        num_heads=4,
+        decoder_embed_dim=96,
+        decoder_depth=2,
+        decoder_num_heads=4,
+    ),
 }
 
 

@@ -424,7 +424,10 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         raise TrainingError(
             f"accum_iter {config.accum_iter} exceeds the {iters_per_epoch} batches of an epoch"
         )
-    total_steps = config.epochs * iters_per_epoch
+    # Whole groups of accum_iter micro-batches per epoch: the left-over batches of an epoch are
+    # skipped, so that the schedule's optimizer steps line up with the epochs.
+    used_per_epoch = (iters_per_epoch // config.accum_iter) * config.accum_iter
+    total_steps = config.epochs * used_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
@@ -491,7 +494,11 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     try:
         with _Interrupt() as interrupt:
             while state.step < total_steps:
+                if loader.step >= used_per_epoch:
+                    next(loader)
+                    continue
                 epoch, batch = next(loader)
+                lr = float(schedule(state.step // config.accum_iter))  # this update's lr
                 imgs = shard_batch(batch["image"], n_dev)
                 new_params, new_opt, metrics = p_train_step(
                     state.params, state.opt_state, state.fixed, imgs, base_key, state.step
@@ -510,7 +517,6 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
                 state.params, state.opt_state = new_params, new_opt
                 state.step += 1
                 window.append(loss)
-                lr = float(schedule(state.step // config.accum_iter))
                 bar.update(1)
                 if state.step % config.log_every == 0 or state.step == total_steps:
                     now = time.perf_counter()

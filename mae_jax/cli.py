@@ -1,0 +1,279 @@
+"""The ``mae-jax`` command: pretrain, reconstruct, demo.
+
+User mistakes end in one line on stderr (``mae-jax: error: ...``) and exit status 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean 'bad input', not 'bug' (imported lazily: jax is slow)."""
+    from mae_jax.checkpoint import CheckpointError
+    from mae_jax.data import DataError
+    from mae_jax.model import MissingDecoderError
+    from mae_jax.train import TrainingError
+    from mae_jax.visualize import PanelInputError
+
+    return (
+        CheckpointError,
+        DataError,
+        MissingDecoderError,
+        TrainingError,
+        PanelInputError,
+        OSError,
+    )
+
+
+# --------------------------------------------------------------------------- pretrain
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain an MAE on an image folder (default: the bundled sample photographs)",
+        description=(
+            "Pretrain an MAE with the official recipe (AdamW 0.9/0.95, wd 0.05, lr = blr x batch / "
+            "256, warmup + cosine, norm-pix loss, mask ratio 0.75) on every local device. Rerun "
+            "the same command to resume after an interruption."
+        ),
+    )
+    p.add_argument(
+        "--data", help="image folder (class sub-folders or flat); default: bundled photos"
+    )
+    p.add_argument("--preset", help="model preset, e.g. mae_vit_large_patch16")
+    p.add_argument("--workdir", default=None, help="run directory (checkpoints, metrics, figures)")
+    p.add_argument("--config", help="a JSON file of settings (keys as in --set)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set epochs=400 --set batch_size=32 (repeatable)",
+    )
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument(
+        "--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)"
+    )
+    p.add_argument("--coordinator", help="coordinator address host:port for --distributed")
+    p.add_argument("--num-processes", type=int, help="number of hosts for --distributed")
+    p.add_argument("--process-id", type=int, help="this host's index for --distributed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_pretrain)
+
+
+def _run_pretrain(args) -> int:
+    import jax
+
+    from mae_jax import train
+
+    if args.distributed:
+        kwargs = {
+            k: v
+            for k, v in (
+                ("coordinator_address", args.coordinator),
+                ("num_processes", args.num_processes),
+                ("process_id", args.process_id),
+            )
+            if v is not None
+        }
+        jax.distributed.initialize(**kwargs)
+    config = train.PretrainConfig()
+    if args.data is None and args.preset is None and args.config is None:
+        config = train.PretrainConfig(**_embedded_default())
+    if args.config:
+        try:
+            loaded = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise train.TrainingError(f"{args.config}: cannot read settings ({e})") from None
+        config = train.PretrainConfig.from_dict({**config.to_dict(), **loaded})
+    changes = {
+        k: v for k, v in (("data", args.data), ("preset", args.preset), ("dtype", args.dtype)) if v
+    }
+    config = train.PretrainConfig.from_dict({**config.to_dict(), **changes})
+    config = config.with_overrides(args.overrides)
+    workdir = args.workdir or ("runs/demo" if config.data is None else "runs/pretrain")
+    print(
+        f"pretraining {config.preset} on {config.data or 'the bundled sample photographs'} "
+        f"over {jax.local_device_count()} local device(s) x {jax.process_count()} host(s); "
+        f"workdir {workdir}"
+    )
+    summary = train.pretrain(config, workdir, progress=not args.quiet)
+    if summary["interrupted"]:
+        print(
+            f"interrupted by {summary['interrupted']} at step {summary['end_step']}; checkpoint "
+            "saved. Run the same command again to resume."
+        )
+    else:
+        print(
+            f"done: {summary['end_step']} steps; load it with mae_jax.load_pretrained({workdir!r})"
+        )
+    if summary["skipped_images"]:
+        print(f"skipped {summary['skipped_images']} unreadable image(s)")
+    return 0
+
+
+def _embedded_default() -> dict:
+    """The short run on the bundled photographs (the recipe that made the shipped demo model)."""
+    from mae_jax import assets
+
+    return assets.demo_pretrain_settings()
+
+
+# --------------------------------------------------------------------------- reconstruct
+
+
+def _add_reconstruct(sub) -> None:
+    p = sub.add_parser(
+        "reconstruct",
+        help="draw the four-panel MAE reconstruction figure of images",
+        description=(
+            "Mask random patches of each image, reconstruct them with an MAE checkpoint and write "
+            "a PNG: original, masked, reconstruction, reconstruction with the visible patches "
+            "pasted back (one row per image)."
+        ),
+    )
+    p.add_argument("images", nargs="+", help="image files (any size and mode)")
+    p.add_argument(
+        "--checkpoint", required=True, help="mae-jax checkpoint directory or pretraining workdir"
+    )
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument(
+        "--mask-ratio", type=float, default=0.75, help="fraction of patches removed (default 0.75)"
+    )
+    p.add_argument("--seed", type=int, default=2, help="masking seed (default 2)")
+    p.add_argument(
+        "--center-crop",
+        action="store_true",
+        help="resize the shorter side and crop the center (default: squash to a square, as the official demo)",
+    )
+    p.set_defaults(run=_run_reconstruct)
+
+
+def reconstruct_figure(
+    model, image_paths, *, mask_ratio: float, seed: int, center_crop: bool, note_extra: str = ""
+):
+    """The reconstruction figure (a PIL image) of the given image files."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mae_jax import data, visualize
+    from mae_jax.masking import num_kept
+
+    size = model.config.img_size
+    imgs = np.stack([data.load_image(p, size, center_crop=center_crop) for p in image_paths])
+    num_kept(model.config.num_patches, mask_ratio)  # validates the ratio with a clear message
+    out = model.forward_full(jnp.asarray(imgs), key=jax.random.key(seed), mask_ratio=mask_ratio)
+    panels = visualize.compute_panels(
+        imgs,
+        np.asarray(out.pred),
+        np.asarray(out.mask),
+        patch_size=model.config.patch_size,
+        norm_pix_loss=model.config.norm_pix_loss,
+    )
+    notes = []
+    if model.config.norm_pix_loss:
+        notes.append(
+            "norm-pix model: each predicted patch is un-normalized with the true patch's mean and std"
+        )
+    if note_extra:
+        notes.append(note_extra)
+    titles = ("original", f"masked {mask_ratio:.0%}", "reconstruction", "reconstruction + visible")
+    return visualize.draw_figure(
+        panels, titles=titles, note="; ".join(notes) or None, scale=max(1, 224 // size)
+    )
+
+
+def _run_reconstruct(args) -> int:
+    from mae_jax import load_pretrained, visualize
+
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise SystemExit(_fail(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}"))
+    for path in args.images:
+        if not Path(path).is_file():
+            raise SystemExit(_fail(f"{path}: no such image file"))
+    model = load_pretrained(args.checkpoint)
+    model._require_decoder()
+    figure = reconstruct_figure(
+        model, args.images, mask_ratio=args.mask_ratio, seed=args.seed, center_crop=args.center_crop
+    )
+    visualize.save_png(figure, args.out)
+    print(f"wrote {args.out} ({len(args.images)} image(s), mask ratio {args.mask_ratio})")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="reconstruct the bundled photographs with the bundled small MAE (offline)",
+        description=(
+            "Runs offline: reconstructs the sample photographs that ship with mae-jax using the "
+            "small MAE that ships with it (trained by `mae-jax pretrain` on those photographs)."
+        ),
+    )
+    p.add_argument("--out", default="mae_demo.png", help="the PNG to write (default mae_demo.png)")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--seed", type=int, default=2)
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from mae_jax import assets, load_pretrained, visualize
+
+    model = load_pretrained(str(assets.demo_checkpoint_dir()))
+    figure = reconstruct_figure(
+        model,
+        assets.demo_image_paths(),
+        mask_ratio=args.mask_ratio,
+        seed=args.seed,
+        center_crop=True,
+        note_extra="a small MAE trained on these few photos only: expect blurry reconstructions",
+    )
+    visualize.save_png(figure, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _fail(message: str) -> int:
+    print(f"mae-jax: error: {message}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mae-jax",
+        description="Masked Autoencoders in JAX: pretrain, reconstruct, demo.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_pretrain(sub)
+    _add_reconstruct(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except _user_errors() as e:
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
