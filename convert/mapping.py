@@ -140,16 +140,38 @@ def official_from_state(state: Mapping) -> dict[str, np.ndarray]:
     return dict(sorted(flat.items(), key=lambda kv: _official_order(kv[0])))
 
 
+_TOP_ORDER = (
+    "cls_token",
+    "pos_embed",
+    "mask_token",
+    "decoder_pos_embed",
+    "patch_embed",
+    "blocks",
+    "norm",
+    "fc_norm",
+    "head",
+    "decoder_embed",
+    "decoder_blocks",
+    "decoder_norm",
+    "decoder_pred",
+)
+_BLOCK_ORDER = tuple(
+    f"{layer}.{leaf}"
+    for layer in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+    for leaf in ("weight", "bias")
+)
+
+
 def _official_order(key: str) -> tuple:
-    # The official state_dict order: tokens and tables, patch_embed, blocks, norm, decoder.
-    head = ["cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed"]
-    tail = ["blocks", "norm", "fc_norm", "head", "decoder_embed", "decoder_blocks"]
-    tail += ["decoder_norm", "decoder_pred"]
-    order = head + tail
-    parts = key.split(".")
-    rank = order.index(parts[0]) if parts[0] in order else len(order)
-    index = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
-    return (rank, index)
+    """Sort key giving the official state_dict order (tokens, tables, patch_embed, blocks, ...)."""
+    top, _, rest = key.partition(".")
+    rank = _TOP_ORDER.index(top) if top in _TOP_ORDER else len(_TOP_ORDER)
+    index, _, suffix = rest.partition(".") if rest[:1].isdigit() else ("-1", "", rest)
+    if suffix in _BLOCK_ORDER:
+        within = _BLOCK_ORDER.index(suffix)
+    else:
+        within = 1 if suffix.endswith("bias") else 0
+    return (rank, int(index), within, suffix)
 
 
 # --------------------------------------------------------------------------- families
