@@ -180,7 +180,7 @@ def train_step(
     )
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss}
+    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def make_p_train_step(
@@ -478,6 +478,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     )
     bar = _progress(progress, total_steps, step)
     window: list[float] = []
+    norms: list[float] = []
     t_window = time.perf_counter()
     summary = {"start_step": step, "interrupted": None}
 
@@ -504,10 +505,17 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
                     state.params, state.opt_state, state.fixed, imgs, base_key, state.step
                 )
                 loss = float(metrics["loss"][0])
-                if not math.isfinite(loss):
+                grad_norm = float(metrics["grad_norm"][0])
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    # Nothing is saved from here on: the last checkpoint is the last finite state.
                     last = ckpts.latest_step()
+                    what = (
+                        f"loss is {loss}"
+                        if not math.isfinite(loss)
+                        else f"gradient norm is {grad_norm}"
+                    )
                     raise TrainingError(
-                        f"loss is {loss} at step {state.step} (epoch {epoch}); stopped. "
+                        f"{what} at step {state.step} (epoch {epoch}); stopped. "
                         + (
                             f"The last good checkpoint (step {last}) is intact."
                             if last is not None
@@ -517,6 +525,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
                 state.params, state.opt_state = new_params, new_opt
                 state.step += 1
                 window.append(loss)
+                norms.append(grad_norm)
                 bar.update(1)
                 if state.step % config.log_every == 0 or state.step == total_steps:
                     now = time.perf_counter()
@@ -524,20 +533,21 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
                         "step": state.step,
                         "epoch": epoch,
                         "loss": float(np.mean(window)),
+                        "grad_norm": float(np.mean(norms)),
                         "lr": lr,
                         "images_per_s": len(window) * host_batch / (now - t_window),
                         "skipped_images": loader.num_skipped,
                     }
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-                    for k in ("loss", "lr", "images_per_s", "skipped_images"):
+                    for k in ("loss", "grad_norm", "lr", "images_per_s", "skipped_images"):
                         tb.scalar(f"train/{k}", record[k], state.step)
                     bar.set_postfix(
                         loss=f"{record['loss']:.4f}",
                         lr=f"{lr:.2e}",
                         img_s=f"{record['images_per_s']:.1f}",
                     )
-                    window, t_window = [], now
+                    window, norms, t_window = [], [], now
                 if config.recon_every and state.step % config.recon_every == 0:
                     _write_reconstructions(
                         nnx.merge(graphdef, unreplicate(state.params), unreplicate(state.fixed)),
