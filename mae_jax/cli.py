@@ -1,4 +1,4 @@
-"""The ``mae-jax`` command: pretrain, reconstruct, demo.
+"""The ``mae-jax`` command: pretrain, reconstruct, demo, export.
 
 User mistakes end in one line on stderr (``mae-jax: error: ...``) and exit status 2; no tracebacks.
 """
@@ -9,8 +9,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -245,6 +243,48 @@ def _run_demo(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write the latest model of a pretraining run as a mae-jax checkpoint directory",
+        description=(
+            "Copy the model of the latest checkpoint of a `mae-jax pretrain` workdir into a "
+            "stand-alone mae-jax checkpoint directory (parameters + JSON metadata). Turn it into an "
+            "official .pth with: python convert/orbax_to_pth.py OUT model.pth"
+        ),
+    )
+    p.add_argument("workdir", help="the pretraining run directory")
+    p.add_argument("out", help="the checkpoint directory to write")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from mae_jax.checkpoint import save_model
+    from mae_jax.train import TrainingError, load_trained_model
+
+    workdir = Path(args.workdir)
+    if not (workdir / "config.json").is_file():
+        raise TrainingError(f"{workdir}: not a pretraining run directory (no config.json)")
+    meta = json.loads((workdir / "config.json").read_text())
+    model = load_trained_model(workdir)
+    out = save_model(
+        model,
+        args.out,
+        metadata={
+            "preset": meta["preset"],
+            "family": "mae",
+            "source": {"pretrain_run": str(workdir)},
+        },
+        force=args.force,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -262,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_reconstruct(sub)
     _add_demo(sub)
+    _add_export(sub)
     return parser
 
 
