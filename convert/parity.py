@@ -47,7 +47,7 @@ class Row:
     shape: tuple
     max_abs: float
     max_rel: float
-    tolerance: float  # on max_abs; for the loss, on max_rel
+    tolerance: float  # bound on max_abs (atol + rtol * max |reference|); for the loss, on max_rel
     ok: bool
 
 
@@ -61,8 +61,13 @@ def compare(
     *,
     atol: float,
     loss_rtol: float,
+    rtol: float = 0.0,
 ) -> list[Row]:
-    """One Row per stage present on both sides."""
+    """One Row per stage present on both sides.
+
+    A float stage passes when max |jax - torch| <= atol + rtol * max |torch|: float32 rounding
+    grows with the size of the activations, which real checkpoints make larger than random ones.
+    """
     rows = []
     for stage in STAGE_ROWS:
         if stage not in jax_out or stage not in ref:
@@ -80,7 +85,8 @@ def compare(
         elif stage == "loss":
             rows.append(Row(stage, a.shape, diff, rel, loss_rtol, rel <= loss_rtol))
         else:
-            rows.append(Row(stage, a.shape, diff, rel, atol, diff <= atol))
+            bound = atol + rtol * scale
+            rows.append(Row(stage, a.shape, diff, rel, bound, diff <= bound))
     return rows
 
 
@@ -95,7 +101,7 @@ def format_table(rows: list[Row], *, enforce: bool) -> str:
         elif r.stage == "loss":
             tol = f"rel {r.tolerance:.0e}"
         else:
-            tol = f"abs {r.tolerance:.0e}"
+            tol = f"abs {r.tolerance:.1e}"
         verdict = ("ok" if r.ok else "OVER") if enforce else "(reported)"
         lines.append(
             f"{what:<20} {str(tuple(r.shape)):<22} {r.max_abs:>10.2e} {r.max_rel:>10.2e} {tol:>12}  {verdict}"
@@ -273,7 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         "--atol",
         type=float,
         default=1e-5,
-        help="max abs error allowed on float stages (default 1e-5)",
+        help="absolute part of the float tolerance (default 1e-5)",
+    )
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=2e-6,
+        help="relative part: a stage may be off by atol + rtol * max|reference| (default 2e-6)",
     )
     p.add_argument(
         "--loss-rtol",
@@ -313,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    rows = compare(ours, ref, atol=args.atol, loss_rtol=args.loss_rtol)
+    rows = compare(ours, ref, atol=args.atol, rtol=args.rtol, loss_rtol=args.loss_rtol)
     enforce = args.dtype == "float32"
     print(f"weights:   {info['source']}")
     print(f"reference: {info['reference']}")
