@@ -1,4 +1,4 @@
-"""The ``mae-jax`` command: pretrain, reconstruct, demo, export.
+"""The ``mae-jax`` command: pretrain, reconstruct, demo, export, eval.
 
 User mistakes end in one line on stderr (``mae-jax: error: ...``) and exit status 2; no tracebacks.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes that mean 'bad input', not 'bug' (imported lazily: jax is slow)."""
     from mae_jax.checkpoint import CheckpointError
+    from mae_jax.classifier import NotAClassifierError
     from mae_jax.data import DataError
     from mae_jax.model import MissingDecoderError
     from mae_jax.train import TrainingError
@@ -23,6 +24,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         DataError,
         MissingDecoderError,
+        NotAClassifierError,
         TrainingError,
         PanelInputError,
         OSError,
@@ -82,6 +84,8 @@ def _run_pretrain(args) -> int:
             )
             if v is not None
         }
+        # CPU-only hosts need gloo for cross-process collectives; GPU/TPU backends ignore it.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(**kwargs)
     config = train.PretrainConfig()
     if args.data is None and args.preset is None and args.config is None:
@@ -190,14 +194,30 @@ def reconstruct_figure(
     )
 
 
+def _model_type(checkpoint: str) -> str:
+    """The model type a checkpoint directory records ('mae' for a pretraining run directory)."""
+    from mae_jax.checkpoint import METADATA_FILE, read_metadata
+
+    path = Path(checkpoint)
+    if not (path / METADATA_FILE).exists() and (path / "checkpoints").is_dir():
+        return "mae"
+    return read_metadata(checkpoint)["model_type"]
+
+
 def _run_reconstruct(args) -> int:
     from mae_jax import load_pretrained, visualize
+    from mae_jax.model import MissingDecoderError
 
     if not 0.0 <= args.mask_ratio < 1.0:
         raise SystemExit(_fail(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}"))
     for path in args.images:
         if not Path(path).is_file():
             raise SystemExit(_fail(f"{path}: no such image file"))
+    if _model_type(args.checkpoint) == "vit_classifier":
+        raise MissingDecoderError(
+            f"{args.checkpoint}: is a classifier, it has no decoder; reconstruction needs an MAE "
+            "checkpoint with its decoder"
+        )
     model = load_pretrained(args.checkpoint)
     model._require_decoder()
     figure = reconstruct_figure(
@@ -285,6 +305,95 @@ def _run_export(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- eval
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="top-1/top-5 accuracy of a fine-tuned classifier on an image folder",
+        description=(
+            "Evaluate a classifier checkpoint on an ImageNet-style folder (one sub-folder per "
+            "class, in the order of the classifier's labels) with the official eval transform: "
+            "shorter side to size/0.875 (256 for 224) bicubic, centre crop, normalize. Prints "
+            "Acc@1, Acc@5 and the mean cross-entropy per image."
+        ),
+    )
+    p.add_argument("--data", required=True, help="validation folder (one sub-folder per class)")
+    p.add_argument("--checkpoint", required=True, help="mae-jax classifier checkpoint directory")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_eval)
+
+
+def evaluate(model, folder, *, batch_size: int, progress: bool = False) -> dict:
+    """Accuracy of ``model`` on an ``ImageFolder``: dict(top1, top5 [%], k, loss, count, skipped)."""
+    import jax
+    from flax import nnx
+    from tqdm import tqdm
+
+    from mae_jax import data
+    from mae_jax.classifier import classification_counts
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def counts(state, images, labels, valid):
+        return classification_counts(nnx.merge(graphdef, state)(images), labels, valid)
+
+    totals = dict.fromkeys(("top1", "top5", "loss", "count"), 0.0)
+    batches = data.eval_batches(folder, batch_size=batch_size, img_size=model.config.img_size)
+    bar = tqdm(batches, total=-(-len(folder) // batch_size), unit="batch", disable=not progress)
+    for batch in bar:
+        out = counts(state, batch["image"], batch["label"], batch["valid"])
+        for key in totals:
+            totals[key] += float(out[key])
+    count = int(totals["count"])
+    if count == 0:
+        raise data.DataError(f"{folder.root}: none of its {len(folder)} images could be read")
+    return {
+        "top1": 100.0 * totals["top1"] / count,
+        "top5": 100.0 * totals["top5"] / count,
+        "k": min(5, model.config.num_classes),
+        "loss": totals["loss"] / count,
+        "count": count,
+        "skipped": len(folder) - count,
+    }
+
+
+def _run_eval(args) -> int:
+    import jax.numpy as jnp
+
+    from mae_jax import data, load_pretrained
+    from mae_jax.classifier import NotAClassifierError
+
+    if args.batch_size < 1:
+        raise SystemExit(_fail(f"--batch-size must be positive, got {args.batch_size}"))
+    if _model_type(args.checkpoint) != "vit_classifier":
+        raise NotAClassifierError(
+            f"{args.checkpoint}: is an MAE (pretraining) checkpoint and has no classification "
+            "head: fine-tune it first with mae-jax finetune"
+        )
+    folder = data.ImageFolder(args.data)
+    model = load_pretrained(args.checkpoint, dtype=jnp.dtype(args.dtype))
+    num_classes = model.config.num_classes
+    if num_classes != len(folder.classes):
+        raise data.DataError(
+            f"{args.data}: has {len(folder.classes)} class folder(s) but the classifier "
+            f"{args.checkpoint} has {num_classes} classes"
+        )
+    print(f"evaluating {args.checkpoint} on {folder}")
+    r = evaluate(model, folder, batch_size=args.batch_size, progress=not args.quiet)
+    print(
+        f"* Acc@1 {r['top1']:.3f} Acc@{r['k']} {r['top5']:.3f} loss {r['loss']:.3f} "
+        f"({r['count']} images)"
+    )
+    if r["skipped"]:
+        print(f"skipped {r['skipped']} unreadable image(s)")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -296,13 +405,14 @@ def _fail(message: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mae-jax",
-        description="Masked Autoencoders in JAX: pretrain, reconstruct, demo.",
+        description="Masked Autoencoders in JAX: pretrain, reconstruct, demo, export, eval.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_pretrain(sub)
     _add_reconstruct(sub)
     _add_demo(sub)
     _add_export(sub)
+    _add_eval(sub)
     return parser
 
 

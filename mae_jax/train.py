@@ -200,8 +200,10 @@ def make_p_train_step(
 
 
 def replicate(tree: Any, n: int) -> Any:
-    """Stack ``n`` copies of every leaf on a new leading axis (one per device)."""
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
+    """``n`` copies of every leaf on a new leading axis, copy i placed on local device i."""
+    # A pmapped identity lays the copies out exactly as the train step's outputs are laid out,
+    # so the first step's donated arguments need no resharding.
+    return jax.pmap(lambda _, t: t, in_axes=(0, None))(np.zeros(n), tree)
 
 
 def unreplicate(tree: Any) -> Any:
@@ -432,7 +434,8 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         total_steps = min(total_steps, config.max_steps)
 
     # ---- model and optimizer
-    eff_batch = host_batch * jax.process_count() * config.accum_iter
+    global_batch = host_batch * jax.process_count()
+    eff_batch = global_batch * config.accum_iter
     peak_lr = config.lr if config.lr is not None else optim.scaled_lr(config.blr, eff_batch)
     schedule = optim.epoch_schedule(
         peak_lr,
@@ -457,7 +460,8 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         params, fixed, opt_state, meta = ckpts.restore(start, graphdef, params, fixed, opt_state)
         loader.set_state(meta["data"])
         step = int(meta["step"])
-        print(f"resuming from {workdir / 'checkpoints'} at step {step} (epoch {loader.epoch})")
+        if jax.process_index() == 0:
+            print(f"resuming from {workdir / 'checkpoints'} at step {step} (epoch {loader.epoch})")
     state = TrainState(
         graphdef,
         replicate(params, n_dev),
@@ -468,15 +472,15 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     p_train_step = make_p_train_step(graphdef, tx, config.mask_ratio, model_config.num_patches)
     base_key = jax.random.key(config.seed)
 
-    # ---- observability
-    from mae_jax.tbwriter import SummaryWriter
-
-    metrics_file = open(workdir / "metrics.jsonl", "a")
-    tb = SummaryWriter(workdir / "tensorboard")
+    # ---- observability (the first host writes logs and figures; every host writes checkpoints)
+    is_main = jax.process_index() == 0
+    metrics_log = _MetricsLog(workdir, enabled=is_main)
     recon_imgs = (
-        _recon_batch(folder, model_config, config.recon_images) if config.recon_every else None
+        _recon_batch(folder, model_config, config.recon_images)
+        if config.recon_every and is_main
+        else None
     )
-    bar = _progress(progress, total_steps, step)
+    bar = _progress(progress and is_main, total_steps, step)
     window: list[float] = []
     norms: list[float] = []
     t_window = time.perf_counter()
@@ -535,20 +539,17 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
                         "loss": float(np.mean(window)),
                         "grad_norm": float(np.mean(norms)),
                         "lr": lr,
-                        "images_per_s": len(window) * host_batch / (now - t_window),
+                        "images_per_s": len(window) * global_batch / (now - t_window),
                         "skipped_images": loader.num_skipped,
                     }
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    for k in ("loss", "grad_norm", "lr", "images_per_s", "skipped_images"):
-                        tb.scalar(f"train/{k}", record[k], state.step)
+                    metrics_log.write(record)
                     bar.set_postfix(
                         loss=f"{record['loss']:.4f}",
                         lr=f"{lr:.2e}",
                         img_s=f"{record['images_per_s']:.1f}",
                     )
                     window, norms, t_window = [], [], now
-                if config.recon_every and state.step % config.recon_every == 0:
+                if recon_imgs is not None and state.step % config.recon_every == 0:
                     _write_reconstructions(
                         nnx.merge(graphdef, unreplicate(state.params), unreplicate(state.fixed)),
                         recon_imgs,
@@ -568,8 +569,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         ckpts.wait()
         ckpts.close()
         bar.close()
-        metrics_file.close()
-        tb.close()
+        metrics_log.close()
         loader.close()
     summary.update(end_step=state.step, total_steps=total_steps, skipped_images=loader.num_skipped)
     if recon_imgs is not None and summary["interrupted"] is None:
@@ -582,6 +582,32 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
             config.mask_ratio,
         )
     return summary
+
+
+class _MetricsLog:
+    """metrics.jsonl (one JSON object a line) and TensorBoard scalars under ``train/``."""
+
+    def __init__(self, workdir: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from mae_jax.tbwriter import SummaryWriter
+
+            self.file = open(workdir / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(workdir / "tensorboard")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key not in ("step", "epoch"):
+                self.tb.scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
 
 
 def _check_saved_config(workdir: Path, config: PretrainConfig) -> None:
@@ -608,9 +634,10 @@ def _check_saved_config(workdir: Path, config: PretrainConfig) -> None:
                 f"{path}: this workdir holds a run with other settings ({'; '.join(diffs)}); "
                 "use another --workdir"
             )
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    if jax.process_index() == 0:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
 
 
 def _progress(enabled: bool, total: int, initial: int):
