@@ -411,6 +411,11 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     n_dev = jax.local_device_count()
     folder = data_lib.ImageFolder(config.data or _default_data_folder())
     host_batch = config.batch_size * n_dev
+    if config.data is None and len(folder) < host_batch:
+        # The bundled folder holds 7 photographs: list it often enough to fill one batch on any
+        # number of devices (each copy gets its own random crops).
+        copies = math.ceil(host_batch / len(folder))
+        folder.paths, folder.labels = folder.paths * copies, np.tile(folder.labels, copies)
     loader = data_lib.pretrain_batches(
         folder,
         batch_size=host_batch,
