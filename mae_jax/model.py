@@ -121,13 +121,14 @@ class Attention(nnx.Module):
     def __call__(self, x_NxTxD: jax.Array) -> jax.Array:
         n, t, d = x_NxTxD.shape
         h = self.num_heads
-        # Fused features are [q (all heads) | k | v], each head's dims contiguous.
-        qkv = self.qkv(x_NxTxD).reshape(n, t, 3, h, d // h)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # Fused features are [q (all heads) | k | v], each head's dims contiguous. Heads go before
+        # tokens, (n, h, t, c): XLA:CPU runs weights @ v about 4x slower in the (n, t, h, c) layout.
+        qkv = self.qkv(x_NxTxD).reshape(n, t, 3, h, d // h).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
         # (q @ k^T) * scale, softmax in float32, then @ v: the reference's order of operations.
-        logits = jnp.einsum("nqhc,nkhc->nhqk", q, k) * self.scale
+        logits = jnp.einsum("nhqc,nhkc->nhqk", q, k) * self.scale
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("nhqk,nkhc->nqhc", weights, v).reshape(n, t, d)
+        out = jnp.einsum("nhqk,nhkc->nhqc", weights, v).transpose(0, 2, 1, 3).reshape(n, t, d)
         return self.proj(out)
 
 
