@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mae_jax.config import PRESETS, MAEConfig
+from mae_jax.config import PRESETS, VIT_PRESETS, MAEConfig, ViTConfig
 
 Path = tuple  # a path in the model's state tree, e.g. ('blocks', 3, 'attn', 'qkv', 'kernel')
 
@@ -148,8 +148,8 @@ _TOP_ORDER = (
     "patch_embed",
     "blocks",
     "norm",
-    "fc_norm",
     "head",
+    "fc_norm",  # registered after the head in models_vit, so it comes last in its state_dict
     "decoder_embed",
     "decoder_blocks",
     "decoder_norm",
@@ -207,11 +207,26 @@ def _count_blocks(keys, prefix: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def infer_config(state_dict: Mapping[str, np.ndarray], family: str) -> tuple[str, MAEConfig]:
+def classifier_pooling(state_dict: Mapping[str, np.ndarray]) -> bool:
+    """True for a global-pool classifier (fc_norm), False for a cls-token one (norm)."""
+    has_fc_norm, has_norm = "fc_norm.weight" in state_dict, "norm.weight" in state_dict
+    if has_fc_norm == has_norm:
+        which = "both" if has_norm else "neither"
+        raise MappingError(
+            f"classifier with {which} fc_norm.weight and norm.weight: cannot tell global pool "
+            "(fc_norm) from cls-token pooling (norm)"
+        )
+    return has_fc_norm
+
+
+def infer_config(
+    state_dict: Mapping[str, np.ndarray], family: str
+) -> tuple[str, MAEConfig | ViTConfig]:
     """(preset name, config) whose sizes fit the tensor shapes; MappingError if no preset does.
 
     Head counts cannot be read from shapes, so the architecture must match a preset's widths and
     depths; the image size is read from the position table, so it may differ from the preset's.
+    A classifier gets a ``vit_*`` preset with its class count and pooling read from the file.
     """
     proj = state_dict["patch_embed.proj.weight"]
     embed_dim, in_chans, patch_size, _ = proj.shape
@@ -230,23 +245,40 @@ def infer_config(state_dict: Mapping[str, np.ndarray], family: str) -> tuple[str
         found["decoder_depth"] = _count_blocks(state_dict, "decoder_blocks")
     if "blocks.0.mlp.fc1.weight" in state_dict:
         found["mlp_ratio"] = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
-    for name, preset in PRESETS.items():
+    changes: dict = {"img_size": grid * patch_size}
+    presets: Mapping[str, MAEConfig | ViTConfig] = PRESETS
+    if family == FAMILY_CLASSIFIER:
+        presets = VIT_PRESETS
+        head = state_dict["head.weight"]
+        if head.ndim != 2 or head.shape[1] != embed_dim:
+            raise MappingError(
+                f"head.weight has shape {tuple(head.shape)}, not [classes, {embed_dim}]"
+            )
+        changes.update(num_classes=head.shape[0], global_pool=classifier_pooling(state_dict))
+    for name, preset in presets.items():
         if all(getattr(preset, k) == v for k, v in found.items()):
-            return name, preset.replace(img_size=grid * patch_size)
+            return name, preset.replace(**changes)
     shown = ", ".join(f"{k} {v}" for k, v in found.items())
-    raise MappingError(f"its shapes ({shown}) fit no preset; known presets: {', '.join(PRESETS)}")
+    raise MappingError(f"its shapes ({shown}) fit no preset; known presets: {', '.join(presets)}")
 
 
-def check_arch(name: str, config: MAEConfig, arch: str) -> None:
+def check_arch(name: str, config: MAEConfig | ViTConfig, arch: str) -> None:
     """MappingError when the requested ``arch`` preset disagrees with the inferred shapes."""
-    if arch not in PRESETS:
-        raise MappingError(f"unknown --arch {arch!r}; known presets: {', '.join(PRESETS)}")
+    presets: Mapping[str, MAEConfig | ViTConfig] = (
+        VIT_PRESETS if isinstance(config, ViTConfig) else PRESETS
+    )
+    if arch not in presets:
+        holds = "a classifier" if presets is VIT_PRESETS else "an MAE"
+        raise MappingError(
+            f"unknown --arch {arch!r} for {holds}; known presets: {', '.join(presets)}"
+        )
     if arch == name:
         return
-    want = PRESETS[arch]
+    want = presets[arch]
+    fields = ("embed_dim", "depth", "patch_size", "decoder_embed_dim", "decoder_depth")
     diffs = [
         f"{f} {getattr(config, f)} in the file, {getattr(want, f)} in {arch}"
-        for f in ("embed_dim", "depth", "patch_size", "decoder_embed_dim", "decoder_depth")
-        if getattr(config, f) != getattr(want, f)
+        for f in fields
+        if hasattr(want, f) and getattr(config, f) != getattr(want, f)
     ]
     raise MappingError(f"--arch {arch} does not fit the file: " + "; ".join(diffs or [name]))

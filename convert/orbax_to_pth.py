@@ -2,8 +2,9 @@
 
     python convert/orbax_to_pth.py out/mae_vit_large back.pth
 
-The official ``models_mae`` model loads the result with ``strict=True``; a file converted with
-pth_to_orbax.py comes back with bit-identical tensors. torch is not needed.
+The official ``models_mae`` model (or, for a classifier, ``models_vit``) loads the result with
+``strict=True``; a file converted with pth_to_orbax.py comes back with bit-identical tensors in the
+same key order. torch is not needed.
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@ weights, the same random images and the same masking noise, and prints one row p
 max abs error and the max relative error (max |jax - torch| / max |torch|). Exits 1 when a stage is
 over tolerance. The PyTorch side is Hugging Face transformers' ViTMAEForPreTraining configured with
 MAE's hyperparameters (eager attention), or with --official-repo the user's own clone of
-facebookresearch/mae. Both sides run at full float32 precision (JAX's highest matmul precision,
-torch with TF32 off); with --dtype bfloat16 the JAX side computes in bfloat16 and the errors
-against the float32 reference are reported without failing.
+facebookresearch/mae. A fine-tuned classifier checkpoint is compared (no masking) with HF's ViT
+encoder plus the official pooling and head: encoder blocks, features and logits. Both sides run at
+full float32 precision (JAX's highest matmul precision, torch with TF32 off); with --dtype bfloat16
+the JAX side computes in bfloat16 and the errors against the float32 reference are reported
+without failing.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ STAGE_ROWS = {
     "dec_blocks": "decoder blocks",
     "pred": "decoder prediction",
     "loss": "loss",
+    "features": "features",  # a classifier's pooled features, the head's input
+    "logits": "logits",
 }
 EXACT = ("mask", "ids_restore")
 
@@ -164,18 +168,25 @@ def run_parity(
     from convert.pth_to_orbax import extract_state_dict
     from mae_jax import load_pretrained
     from mae_jax.checkpoint import state_as_numpy
+    from mae_jax.classifier import VisionTransformer
 
     if dtype not in ("float32", "bfloat16"):
         raise ParityInputError(f"--dtype must be float32 or bfloat16, got {dtype}")
     model = load_pretrained(checkpoint, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
     config = model.config
+    is_classifier = isinstance(model, VisionTransformer)
+    if is_classifier and official_repo is not None:
+        raise ParityInputError(
+            f"{checkpoint}: is a classifier; --official-repo runs the official MAE only "
+            "(leave it out to compare with transformers)"
+        )
     if pth is not None:
         state_dict = extract_state_dict(read_pth(pth), Path(pth))
         source = f"{pth}"
     else:  # the checkpoint's own weights, exported to the official layout
         state_dict = official_from_state(state_as_numpy(model))
         source = f"{checkpoint} (exported to the official layout)"
-    if not model.with_decoder:
+    if not is_classifier and not model.with_decoder:
         state_dict = {
             k: v for k, v in state_dict.items() if not k.startswith(("decoder_", "mask_token"))
         }
@@ -187,8 +198,33 @@ def run_parity(
     noise = rng.random((batch, config.num_patches), dtype=np.float32)
     torch_device = device or ("cuda" if _cuda_available() else "cpu")
 
-    ours = jax_stages(model, imgs_nchw.transpose(0, 2, 3, 1), noise, mask_ratio)
-    if official_repo is not None:
+    if is_classifier:
+        with jax.default_matmul_precision("highest"):
+            stages = model.forward_stages(jnp.asarray(imgs_nchw.transpose(0, 2, 3, 1)))
+        ours = {k: np.asarray(v, np.float32) for k, v in stages.items()}
+    else:
+        ours = jax_stages(model, imgs_nchw.transpose(0, 2, 3, 1), noise, mask_ratio)
+    if is_classifier:
+        from convert.hf_reference import hf_classifier_forward
+
+        ref = hf_classifier_forward(
+            state_dict,
+            imgs_nchw,
+            embed_dim=config.embed_dim,
+            depth=config.depth,
+            num_heads=config.num_heads,
+            patch_size=config.patch_size,
+            img_size=config.img_size,
+            global_pool=config.global_pool,
+            in_chans=config.in_chans,
+            mlp_ratio=config.mlp_ratio,
+            layer_norm_eps=config.layer_norm_eps,
+            device=torch_device,
+        )
+        reference = (
+            "transformers ViTMAEModel (eager attention, no masking) + official pooling and head"
+        )
+    elif official_repo is not None:
         from convert.official_reference import official_mae_forward, official_model_kwargs
 
         arch = official_arch or "MaskedAutoencoderViT"
@@ -226,7 +262,13 @@ def run_parity(
         )
         reference = "transformers ViTMAEModel (eager attention; encoder-only checkpoint)"
     jax_device = jax.devices()[0]
+    if is_classifier:
+        pooling = "global pool + fc_norm" if config.global_pool else "cls token + norm"
+        described = f"batch {batch}, classifier with {pooling}, {config.num_classes} classes"
+    else:
+        described = f"batch {batch}, mask ratio {mask_ratio}, norm_pix_loss {config.norm_pix_loss}"
     info = {
+        "input": described,
         "source": source,
         "reference": reference,
         "jax_device": f"{jax_device.platform} ({jax_device.device_kind})",
@@ -234,7 +276,7 @@ def run_parity(
         "dtype": dtype,
         "batch": batch,
         "mask_ratio": mask_ratio,
-        "norm_pix_loss": config.norm_pix_loss,
+        "norm_pix_loss": getattr(config, "norm_pix_loss", None),
     }
     return ours, ref, info
 
@@ -333,9 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         f"devices:   jax {info['jax_device']}, torch {info['torch_device']}; "
         f"jax dtype {info['dtype']} vs float32 reference"
     )
-    print(
-        f"input:     batch {info['batch']}, mask ratio {info['mask_ratio']}, norm_pix_loss {info['norm_pix_loss']}"
-    )
+    print(f"input:     {info['input']}")
     print(format_table(rows, enforce=enforce))
     failed = [r.stage for r in rows if not r.ok]
     if enforce and failed:

@@ -1,7 +1,12 @@
 """Convert an official MAE ``.pth`` checkpoint into a mae-jax (Orbax) checkpoint directory.
 
     python convert/pth_to_orbax.py mae_visualize_vit_large.pth out/mae_vit_large
+    python convert/pth_to_orbax.py mae_finetuned_vit_base.pth out/vit_base_ft
+    python convert/pth_to_orbax.py mae_finetuned_vit_base.pth out/vit_base_enc --encoder-only
 
+MAEs (with or without decoder) and fine-tuned ``models_vit`` classifiers are recognized from their
+keys; a classifier's pooling (fc_norm: global pool, norm: cls token), class count and learned
+position table come from the file. ``--encoder-only`` keeps just the MAE encoder of either.
 The architecture is inferred from the tensor shapes (``--arch`` is checked against them when given).
 The file is read without unpickling arbitrary objects and without torch. The output directory is
 written under a temporary name and renamed when complete.
@@ -23,7 +28,7 @@ import numpy as np
 
 from convert import mapping
 from convert.pth_io import PthError, read_pth
-from mae_jax.checkpoint import CheckpointError, build_model, save_model
+from mae_jax.checkpoint import CheckpointError, build_model, read_metadata, save_model
 from mae_jax.pos_embed import sincos_2d
 
 CONVERTER_VERSION = "1"
@@ -97,12 +102,7 @@ def convert_pth(
         family = mapping.detect_family(sd)
         ignore: tuple[str, ...] = ()
         defaults = {}
-        if family == mapping.FAMILY_CLASSIFIER:
-            if not encoder_only:
-                raise ConversionError(
-                    f"{src}: is {mapping.FAMILY_HELP[family]}, not an MAE; pass --encoder-only to "
-                    "extract its encoder"
-                )
+        if family == mapping.FAMILY_CLASSIFIER and encoder_only:
             ignore = (r"head\..*", r"fc_norm\..*")
             if "norm.weight" not in sd:  # global-pool classifiers have fc_norm instead of norm
                 dim = sd["cls_token"].shape[-1]
@@ -112,15 +112,29 @@ def convert_pth(
                 }
         elif family == mapping.FAMILY_MAE and encoder_only:
             ignore = (r"decoder_.*", r"mask_token")
-        model_type = "mae" if family == mapping.FAMILY_MAE and not encoder_only else "mae_encoder"
-        preset, config = mapping.infer_config(sd, family)
+        if family == mapping.FAMILY_CLASSIFIER and not encoder_only:
+            model_type = "vit_classifier"
+        elif family == mapping.FAMILY_MAE and not encoder_only:
+            model_type = "mae"
+        else:
+            model_type = "mae_encoder"
+        arch_family = mapping.FAMILY_ENCODER if encoder_only else family
+        preset, config = mapping.infer_config(sd, arch_family)
         if arch is not None:
             mapping.check_arch(preset, config, arch)
-        if norm_pix_loss is None:
-            norm_pix_loss, norm_pix_source = _norm_pix_from_name(src, family)
+        if model_type == "vit_classifier":
+            if norm_pix_loss is not None:
+                raise ConversionError(
+                    f"{src}: is {mapping.FAMILY_HELP[family]}; --norm-pix-loss / --pixel-targets "
+                    "apply to MAE checkpoints only"
+                )
+            norm_pix_source = None
         else:
-            norm_pix_source = "given on the command line"
-        config = config.replace(norm_pix_loss=norm_pix_loss)
+            if norm_pix_loss is None:
+                norm_pix_loss, norm_pix_source = _norm_pix_from_name(src, family)
+            else:
+                norm_pix_source = "given on the command line"
+            config = config.replace(norm_pix_loss=norm_pix_loss)
 
         import jax
         from flax import nnx
@@ -165,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--encoder-only",
         action="store_true",
-        help="keep the encoder only (needed for a fine-tuned classifier)",
+        help="keep the MAE encoder only (drops an MAE's decoder, or a classifier's head and fc_norm)",
     )
     targets = p.add_mutually_exclusive_group()
     targets.add_argument(
@@ -202,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     kind = mapping.FAMILY_HELP[meta["family"]]
+    saved = read_metadata(out)
+    if saved["model_type"] == "vit_classifier":
+        config = saved["config"]
+        pooling = "global pool + fc_norm" if config["global_pool"] else "cls token + norm"
+        kind = f"classifier ({pooling}, {config['num_classes']} classes)"
     print(f"wrote {out}: {meta['preset']}, {kind}")
     if meta["ignored_keys"]:
         print(f"  ignored {len(meta['ignored_keys'])} keys: {', '.join(meta['ignored_keys'][:6])}")

@@ -9,7 +9,13 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from mae_jax.config import PRESETS, MAEConfig, get_config
+from mae_jax.classifier import (
+    NotAClassifierError,
+    VisionTransformer,
+    init_classifier_from_mae,
+    interpolate_pos_embed,
+)
+from mae_jax.config import PRESETS, VIT_PRESETS, MAEConfig, ViTConfig, get_config, get_vit_config
 from mae_jax.masking import masking_from_noise, random_masking, step_device_key
 from mae_jax.model import MaskedAutoencoderViT, MissingDecoderError, patchify, unpatchify
 
@@ -36,9 +42,27 @@ def create_model(
     )
 
 
+def create_classifier(
+    name: str | ViTConfig,
+    *,
+    rngs: nnx.Rngs | None = None,
+    dtype: Any = jnp.float32,
+    **overrides: Any,
+) -> VisionTransformer:
+    """A freshly initialized ViT classifier from a preset name (e.g. ``"vit_base_patch16"``) or a
+    config; start one from a pretrained MAE with ``init_classifier_from_mae``."""
+    config = (
+        name.replace(**overrides)
+        if isinstance(name, ViTConfig)
+        else get_vit_config(name, **overrides)
+    )
+    return VisionTransformer(config, rngs=rngs if rngs is not None else nnx.Rngs(0), dtype=dtype)
+
+
 def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Module:
     """The model in a mae-jax checkpoint directory (from the converter or ``mae-jax export``), or
-    the latest checkpoint of a ``mae-jax pretrain`` run directory."""
+    the latest checkpoint of a ``mae-jax pretrain`` run directory: an MAE (``MaskedAutoencoderViT``,
+    with or without decoder) or a fine-tuned classifier (``VisionTransformer``)."""
     from mae_jax.checkpoint import METADATA_FILE, load_model
 
     path = Path(path)
@@ -51,11 +75,19 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx
 
 __all__ = [
     "PRESETS",
+    "VIT_PRESETS",
     "MAEConfig",
     "MaskedAutoencoderViT",
     "MissingDecoderError",
+    "NotAClassifierError",
+    "ViTConfig",
+    "VisionTransformer",
+    "create_classifier",
     "create_model",
     "get_config",
+    "get_vit_config",
+    "init_classifier_from_mae",
+    "interpolate_pos_embed",
     "load_pretrained",
     "masking_from_noise",
     "patchify",

@@ -24,13 +24,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mae_jax.config import MAEConfig
+from mae_jax.classifier import VisionTransformer
+from mae_jax.config import MAEConfig, ViTConfig
 from mae_jax.model import MaskedAutoencoderViT
 
 METADATA_FILE = "mae_jax.json"
 PARAMS_DIR = "params"
 FORMAT = "mae-jax-checkpoint/1"
-MODEL_TYPES = ("mae", "mae_encoder")
+MODEL_TYPES = ("mae", "mae_encoder", "vit_classifier")
+CONFIG_CLASSES = {"mae": MAEConfig, "mae_encoder": MAEConfig, "vit_classifier": ViTConfig}
 
 
 class CheckpointError(Exception):
@@ -38,22 +40,28 @@ class CheckpointError(Exception):
 
 
 def build_model(
-    model_type: str, config: MAEConfig, *, rngs: nnx.Rngs | None = None, dtype: Any = jnp.float32
+    model_type: str,
+    config: MAEConfig | ViTConfig,
+    *,
+    rngs: nnx.Rngs | None = None,
+    dtype: Any = jnp.float32,
 ) -> nnx.Module:
-    """A model of the given type ('mae' or 'mae_encoder') and config."""
+    """A model of the given type ('mae', 'mae_encoder' or 'vit_classifier') and config."""
     if model_type not in MODEL_TYPES:
         raise CheckpointError(f"unknown model type {model_type!r}; known: {', '.join(MODEL_TYPES)}")
-    return MaskedAutoencoderViT(
-        config,
-        rngs=rngs if rngs is not None else nnx.Rngs(0),
-        with_decoder=model_type == "mae",
-        dtype=dtype,
-    )
+    if not isinstance(config, CONFIG_CLASSES[model_type]):
+        raise TypeError(f"a {model_type} model needs a {CONFIG_CLASSES[model_type].__name__}")
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    if model_type == "vit_classifier":
+        return VisionTransformer(config, rngs=rngs, dtype=dtype)
+    return MaskedAutoencoderViT(config, rngs=rngs, with_decoder=model_type == "mae", dtype=dtype)
 
 
 def model_type_of(model: nnx.Module) -> str:
     if isinstance(model, MaskedAutoencoderViT):
         return "mae" if model.with_decoder else "mae_encoder"
+    if isinstance(model, VisionTransformer):
+        return "vit_classifier"
     raise TypeError(f"cannot checkpoint a {type(model).__name__}")
 
 
@@ -129,8 +137,13 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Modu
     """The model stored in the checkpoint directory ``path`` (architecture from its metadata)."""
     path = Path(path).absolute()
     meta = read_metadata(path)
+    if meta["model_type"] not in MODEL_TYPES:
+        raise CheckpointError(
+            f"{path / METADATA_FILE}: unknown model type {meta['model_type']!r}; "
+            f"known: {', '.join(MODEL_TYPES)}"
+        )
     try:
-        config = MAEConfig.from_dict(meta["config"])
+        config = CONFIG_CLASSES[meta["model_type"]].from_dict(meta["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path / METADATA_FILE}: bad config ({e})") from None
     abstract = nnx.eval_shape(lambda: build_model(meta["model_type"], config, dtype=dtype))

@@ -344,7 +344,12 @@ def evaluate(model, folder, *, batch_size: int, progress: bool = False) -> dict:
 
     totals = dict.fromkeys(("top1", "top5", "loss", "count"), 0.0)
     batches = data.eval_batches(folder, batch_size=batch_size, img_size=model.config.img_size)
-    bar = tqdm(batches, total=-(-len(folder) // batch_size), unit="batch", disable=not progress)
+    bar = tqdm(
+        batches,
+        total=-(-len(folder) // batch_size),
+        unit="batch",
+        disable=None if progress else True,
+    )
     for batch in bar:
         out = counts(state, batch["image"], batch["label"], batch["valid"])
         for key in totals:

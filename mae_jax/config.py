@@ -4,11 +4,46 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, TypeVar
+
+_C = TypeVar("_C", bound="_JsonConfig")
+
+
+class _JsonConfig:
+    """JSON round trip and ``replace`` for the frozen config dataclasses below."""
+
+    def replace(self: _C, **changes: Any) -> _C:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[_C], d: dict[str, Any]) -> _C:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls: type[_C], text: str) -> _C:
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
 
 
 @dataclasses.dataclass(frozen=True)
-class MAEConfig:
+class MAEConfig(_JsonConfig):
     """Architecture of a masked autoencoder (the encoder, and the decoder used in pretraining).
 
     Field names follow the official ``MaskedAutoencoderViT`` constructor.
@@ -42,38 +77,9 @@ class MAEConfig:
             raise ValueError("2-D sin-cos position embeddings need widths divisible by 4")
 
     @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
-    @property
     def patch_dim(self) -> int:
         """Length of one patch vector: p * p * channels."""
         return self.patch_size**2 * self.in_chans
-
-    def replace(self, **changes: Any) -> MAEConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MAEConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, text: str) -> MAEConfig:
-        return cls.from_dict(json.loads(text))
 
 
 _DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
@@ -119,3 +125,67 @@ def get_config(name: str, **overrides: Any) -> MAEConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig(_JsonConfig):
+    """Architecture of a fine-tuned ViT classifier (the official ``models_vit.VisionTransformer``).
+
+    ``global_pool``: mean of the patch tokens then ``fc_norm`` (the fine-tuning default); otherwise
+    the final ``norm`` and the cls token (the linear-probe default). ``drop_path_rate`` is the
+    stochastic depth of the last block (it rises linearly from 0 over the blocks).
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    global_pool: bool = True
+    drop_path_rate: float = 0.1
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"width {self.embed_dim} is not divisible by its {self.num_heads} heads"
+            )
+        if self.embed_dim % 4:
+            raise ValueError("2-D sin-cos position embeddings need a width divisible by 4")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+
+# The three registered official classifiers (models_vit.py) with the published fine-tuning
+# recipe's drop path (FINETUNE.md: 0.1 / 0.2 / 0.3), plus a tiny one equal to the golden
+# `vit_tiny_shared_gp` classifier of the official code.
+VIT_PRESETS: dict[str, ViTConfig] = {
+    "vit_base_patch16": ViTConfig(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.1
+    ),
+    "vit_large_patch16": ViTConfig(
+        patch_size=16, embed_dim=1024, depth=24, num_heads=16, drop_path_rate=0.2
+    ),
+    "vit_huge_patch14": ViTConfig(
+        patch_size=14, embed_dim=1280, depth=32, num_heads=16, drop_path_rate=0.3
+    ),
+    "vit_tiny_patch4": ViTConfig(
+        img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=5
+    ),
+}
+
+
+def get_vit_config(name: str, **overrides: Any) -> ViTConfig:
+    """The classifier preset ``name`` (e.g. ``vit_base_patch16``), with overrides."""
+    if name not in VIT_PRESETS:
+        raise ValueError(f"unknown classifier preset {name!r}; known: {', '.join(VIT_PRESETS)}")
+    return VIT_PRESETS[name].replace(**overrides)

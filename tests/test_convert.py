@@ -140,16 +140,21 @@ def test_encoder_only_family(tmp_path):
     )
 
 
-def test_classifier_is_refused_unless_encoder_only(tmp_path):
-    code, _, err = _cli(
-        "convert/pth_to_orbax.py", GOLDEN / "vit_tiny_shared_gp.pth", tmp_path / "c", "--quiet"
+def test_classifier_converts_to_a_classifier_or_to_its_encoder(tmp_path):
+    code, stdout, err = _cli(
+        "convert/pth_to_orbax.py", GOLDEN / "vit_tiny_shared_gp.pth", tmp_path / "clf", "--quiet"
     )
-    assert code == 2
-    assert err.count("\n") == 1 and "fine-tuned classifier" in err and "--encoder-only" in err
-    _assert_clean_failure(tmp_path / "c")
+    assert code == 0, err
+    assert "vit_tiny_patch4" in stdout and "global pool" in stdout and "5 classes" in stdout
+    classifier = mae_jax.load_pretrained(tmp_path / "clf")
+    assert type(classifier).__name__ == "VisionTransformer"
+    assert (classifier.config.num_classes, classifier.config.global_pool) == (5, True)
+    # --encoder-only still extracts the MAE encoder, as before classifiers converted.
     out, meta = pth_to_orbax.convert_pth(
         GOLDEN / "vit_tiny_shared_gp.pth", tmp_path / "c", encoder_only=True
     )
+    assert meta["preset"] == "mae_vit_tiny_patch4"
+    assert not mae_jax.load_pretrained(out).with_decoder
     assert sorted(meta["ignored_keys"]) == [
         "fc_norm.bias",
         "fc_norm.weight",
