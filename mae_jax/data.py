@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -41,6 +41,10 @@ _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _LOG = logging.getLogger(__name__)
+
+
+# transform(img, rng, size) -> (size, size, 3) float32 pixels
+Transform = Callable[[Image.Image, np.random.Generator, int], np.ndarray]
 
 
 class DataError(ValueError):
@@ -230,6 +234,11 @@ def pretrain_transform(
     return normalize(pixels), (top, left, h, w), flipped
 
 
+def pretrain_pixels(img: Image.Image, rng: np.random.Generator, size: int) -> np.ndarray:
+    """``pretrain_transform``'s pixels alone: the default transform of ``pretrain_batches``."""
+    return pretrain_transform(img, rng, size)[0]
+
+
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     """Bicubic resize so that the shorter side is ``size`` (torchvision ``Resize(int)`` rounding)."""
     if img.width <= img.height:
@@ -301,7 +310,8 @@ class _PretrainExample:
     """
 
     def __init__(self, folder: ImageFolder, img_size: int, seed: int, shard_index: int,
-                 shard_count: int, per_epoch: int):
+                 shard_count: int, per_epoch: int, transform: Transform):
+        self.transform = transform
         self.root = folder.root
         self.paths = folder.paths
         self.labels = folder.labels
@@ -351,7 +361,7 @@ class _PretrainExample:
             except DataError as err:
                 _LOG.warning("skipping unreadable image: %s", err)
                 continue
-            pixels, _, _ = pretrain_transform(img, rng, self.img_size)
+            pixels = self.transform(img, rng, self.img_size)
             return dict(image=pixels, label=self.labels[index], skipped=np.int32(skipped))
         raise DataError(
             f"{self.root}: none of the {len(order)} images of shard {self.shard_index} "
@@ -370,7 +380,8 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
 
     def __init__(self, folder: ImageFolder, *, batch_size: int, img_size: int, seed: int,
                  shard_index: int, shard_count: int, start_epoch: int, end_epoch: int | None,
-                 read_threads: int, prefetch: int, worker_count: int):
+                 read_threads: int, prefetch: int, worker_count: int,
+                 transform: Transform = None):
         if batch_size < 1 or img_size < 1:
             raise ValueError(f"batch_size {batch_size} and img_size {img_size} must be positive")
         if not 0 <= shard_index < shard_count:
@@ -394,7 +405,8 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
                                               prefetch_buffer_size=prefetch)
         self.worker_count = worker_count
         self._example = _PretrainExample(folder, img_size, seed, shard_index, shard_count,
-                                         self.steps_per_epoch * batch_size)
+                                         self.steps_per_epoch * batch_size,
+                                         transform or pretrain_pixels)
         self._iterator: Iterator[dict[str, np.ndarray]] | None = None
         self.num_skipped = 0
         self._seek(start_epoch * self.steps_per_epoch)
@@ -502,6 +514,7 @@ def pretrain_batches(
     read_threads: int = 16,
     prefetch: int = 500,
     worker_count: int = 0,
+    transform: Transform | None = None,
 ) -> PretrainBatches:
     """Shuffled, sharded, drop-last pretraining batches from ``start_epoch`` to ``end_epoch``.
 
@@ -510,13 +523,15 @@ def pretrain_batches(
     seed, identically on every host; host ``shard_index`` of ``shard_count`` (pass
     ``jax.process_index()`` / ``jax.process_count()``) takes every shard_count-th image of that
     order, so hosts are disjoint. ``read_threads`` / ``prefetch`` configure grain's reading threads;
-    ``worker_count > 0`` adds that many worker processes.
+    ``worker_count > 0`` adds that many worker processes. ``transform(img, rng, size) -> pixels``
+    replaces the pretraining augmentation (fine-tuning and linear probing pass theirs; it must be
+    picklable for worker processes: a module-level function or a functools.partial of one).
     """
     return PretrainBatches(folder, batch_size=batch_size, img_size=img_size, seed=seed,
                            shard_index=shard_index, shard_count=shard_count,
                            start_epoch=start_epoch, end_epoch=end_epoch,
                            read_threads=read_threads, prefetch=prefetch,
-                           worker_count=worker_count)
+                           worker_count=worker_count, transform=transform)
 
 
 # ----------------------------------------------------------------------------------------------
