@@ -244,9 +244,9 @@ def _flat_leaves(tree: Any) -> dict[str, np.ndarray]:
 class Checkpoints:
     """Orbax CheckpointManager in ``<workdir>/checkpoints``: asynchronous, atomic, keeps the last K.
 
-    Each step holds ``model`` (parameters and fixed tables, named as the official state_dict),
-    ``opt_state`` (the optimizer's leaves in order) and ``meta`` (JSON: step, data position,
-    RNG seed, the run's config).
+    Each step holds ``model`` (named model states, e.g. ``params`` and ``fixed``, each a tree
+    named as the official state_dict), ``opt_state`` (the optimizer's leaves in order) and
+    ``meta`` (JSON: step, data position, RNG seed, the run's config).
     """
 
     def __init__(self, workdir: Path, keep: int):
@@ -261,40 +261,40 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state: TrainState, meta: dict[str, Any]) -> None:
+    def save(
+        self, step: int, states: dict[str, nnx.State], opt_state: Any, meta: dict[str, Any]
+    ) -> None:
+        """Save replicated ``states`` and ``opt_state`` (device 0's copy) as ``step``."""
         ocp = self._ocp
-        model_tree = {
-            "params": nnx.to_pure_dict(unreplicate(state.params)),
-            "fixed": nnx.to_pure_dict(unreplicate(state.fixed)),
-        }
+        model_tree = {k: nnx.to_pure_dict(unreplicate(v)) for k, v in states.items()}
         self.manager.save(
-            state.step,
+            step,
             args=ocp.args.Composite(
                 model=ocp.args.StandardSave(model_tree),
-                opt_state=ocp.args.StandardSave(_flat_leaves(unreplicate(state.opt_state))),
+                opt_state=ocp.args.StandardSave(_flat_leaves(unreplicate(opt_state))),
                 meta=ocp.args.JsonSave(meta),
             ),
         )
 
     def restore(
-        self, step: int, graphdef: nnx.GraphDef, params: nnx.State, fixed: nnx.State, opt_state
-    ) -> tuple[nnx.State, nnx.State, Any, dict]:
-        """Unreplicated (params, fixed, opt_state, meta) of ``step``, shaped like the templates."""
+        self, step: int, states: dict[str, nnx.State], opt_state: Any = None
+    ) -> tuple[dict[str, nnx.State], Any, dict]:
+        """(states, opt_state, meta) of ``step``, unreplicated, shaped like the templates; the
+        optimizer state and meta are skipped when ``opt_state`` is None (loading a model only)."""
         ocp = self._ocp
-        model_target = {"params": nnx.to_pure_dict(params), "fixed": nnx.to_pure_dict(fixed)}
-        leaves, treedef = jax.tree.flatten(opt_state)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(jax.tree.map(np.asarray, model_target)),
-                opt_state=ocp.args.StandardRestore(_flat_leaves(leaves)),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        nnx.replace_by_pure_dict(params, restored.model["params"])
-        nnx.replace_by_pure_dict(fixed, restored.model["fixed"])
+        target = {k: jax.tree.map(np.asarray, nnx.to_pure_dict(v)) for k, v in states.items()}
+        items = {"model": ocp.args.StandardRestore(target)}
+        if opt_state is not None:
+            leaves, treedef = jax.tree.flatten(opt_state)
+            items["opt_state"] = ocp.args.StandardRestore(_flat_leaves(leaves))
+            items["meta"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        for name, state in states.items():
+            nnx.replace_by_pure_dict(state, restored.model[name])
+        if opt_state is None:
+            return states, None, {}
         opt_leaves = [restored.opt_state[str(i)] for i in range(len(leaves))]
-        return params, fixed, jax.tree.unflatten(treedef, opt_leaves), restored.meta
+        return states, jax.tree.unflatten(treedef, opt_leaves), restored.meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -316,18 +316,9 @@ def load_trained_model(
         step = ckpts.latest_step()
         if step is None:
             raise TrainingError(f"{workdir}: the run has no checkpoint yet")
-        ocp = ckpts._ocp
-        target = {"params": nnx.to_pure_dict(params), "fixed": nnx.to_pure_dict(fixed)}
-        restored = ckpts.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(jax.tree.map(np.asarray, target))
-            ),
-        )
+        ckpts.restore(step, {"params": params, "fixed": fixed})
     finally:
         ckpts.close()
-    nnx.replace_by_pure_dict(params, restored.model["params"])
-    nnx.replace_by_pure_dict(fixed, restored.model["fixed"])
     return nnx.merge(graphdef, params, fixed)
 
 
@@ -462,7 +453,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     step = 0
     start = ckpts.latest_step()
     if start is not None:
-        params, fixed, opt_state, meta = ckpts.restore(start, graphdef, params, fixed, opt_state)
+        _, opt_state, meta = ckpts.restore(start, {"params": params, "fixed": fixed}, opt_state)
         loader.set_state(meta["data"])
         step = int(meta["step"])
         if jax.process_index() == 0:
@@ -499,7 +490,9 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
             "seed": config.seed,
             "config": config.to_dict(),
         }
-        ckpts.save(state, meta)
+        ckpts.save(
+            state.step, {"params": state.params, "fixed": state.fixed}, state.opt_state, meta
+        )
 
     try:
         with _Interrupt() as interrupt:
