@@ -86,17 +86,22 @@ class PretrainConfig:
         return cls(**d)
 
     def with_overrides(self, assignments: list[str]) -> PretrainConfig:
-        """Apply ``key=value`` strings, each value parsed to the field's type."""
-        types_ = {f.name: f.type for f in dataclasses.fields(self)}
-        changes = {}
-        for item in assignments:
-            key, sep, raw = item.partition("=")
-            key = key.strip().replace("-", "_")
-            if not sep or key not in types_:
-                known = ", ".join(sorted(types_))
-                raise TrainingError(f"--set {item!r}: expected key=value with key one of: {known}")
-            changes[key] = _parse_value(key, raw.strip(), str(types_[key]))
-        return dataclasses.replace(self, **changes)
+        return apply_overrides(self, assignments)
+
+
+def apply_overrides(config: Any, assignments: list[str]) -> Any:
+    """A copy of the dataclass ``config`` with ``key=value`` strings applied, each value parsed
+    to its field's type (``none`` for optional fields)."""
+    types_ = {f.name: f.type for f in dataclasses.fields(config)}
+    changes = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in types_:
+            known = ", ".join(sorted(types_))
+            raise TrainingError(f"--set {item!r}: expected key=value with key one of: {known}")
+        changes[key] = _parse_value(key, raw.strip(), str(types_[key]))
+    return dataclasses.replace(config, **changes)
 
 
 def _parse_value(key: str, raw: str, type_name: str) -> Any:

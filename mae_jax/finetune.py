@@ -1,0 +1,488 @@
+"""Fine-tuning and linear probing of an MAE encoder, with the official recipes.
+
+The structure follows ``mae_jax/train.py``: a run's configuration; a pure per-device step wrapped
+in ``jax.pmap`` in one place (``make_p_classify_step``); the loop, which reuses pretraining's
+checkpoints, interruption handling and metrics, and evaluates on the validation folder after
+every epoch.
+
+Fine-tuning (FINETUNE.md): AdamW (0.9, 0.999), layer-wise lr decay, drop path, RandAugment
+rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0 with label smoothing 0.1,
+warmup then cosine, global-pool head initialised with std 2e-5.
+
+Linear probing: the encoder frozen, its cls token after the final norm, a BatchNorm without affine
+parameters before the head (std 0.01), LARS (momentum 0.9, trust 0.001, no weight decay), the weak
+augmentation (random resized crop and flip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mae_jax import augment, masking, optim
+from mae_jax.classifier import VisionTransformer, init_classifier_from_mae
+from mae_jax.config import get_vit_config
+from mae_jax.train import (
+    AXIS,
+    Checkpoints,
+    TrainingError,
+    _check_saved_config,
+    _Interrupt,
+    _MetricsLog,
+    _progress,
+    apply_overrides,
+    replicate,
+    shard_batch,
+    unreplicate,
+)
+
+# The published recipes (FINETUNE.md); base-size lines differ from large/huge.
+_FINETUNE_RECIPES = {
+    "vit_base_patch16": dict(blr=5e-4, layer_decay=0.65, drop_path=0.1, epochs=100),
+    "vit_large_patch16": dict(blr=1e-3, layer_decay=0.75, drop_path=0.2, epochs=50),
+    "vit_huge_patch14": dict(blr=1e-3, layer_decay=0.75, drop_path=0.3, epochs=50),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """A fine-tuning or linear-probing run. ``None`` fields take the published recipe's value for
+    the preset and mode (see ``resolved``)."""
+
+    mode: str = "finetune"  # or "linprobe"
+    preset: str = "vit_base_patch16"
+    data: str = ""  # training ImageFolder (class sub-folders)
+    val: str | None = None  # validation ImageFolder
+    init: str | None = None  # MAE checkpoint directory or pretraining workdir; None: from scratch
+    img_size: int | None = None
+    batch_size: int = 32  # per device
+    accum_iter: int = 1
+    epochs: int | None = None
+    warmup_epochs: int | None = None
+    blr: float | None = None
+    lr: float | None = None
+    min_lr: float | None = None
+    weight_decay: float | None = None
+    layer_decay: float | None = None
+    drop_path: float | None = None
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    global_pool: bool | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    max_steps: int | None = None
+    log_every: int = 20
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+    read_threads: int = 16
+    worker_count: int = 0
+
+    def resolved(self) -> FinetuneConfig:
+        """The config with every ``None`` recipe field filled in."""
+        if self.mode not in ("finetune", "linprobe"):
+            raise TrainingError(f"mode must be finetune or linprobe, got {self.mode!r}")
+        if self.mode == "finetune":
+            recipe = dict(
+                _FINETUNE_RECIPES.get(self.preset, _FINETUNE_RECIPES["vit_base_patch16"]),
+                warmup_epochs=5,
+                min_lr=1e-6,
+                weight_decay=0.05,
+                global_pool=True,
+            )
+        else:  # main_linprobe.py defaults
+            recipe = dict(
+                blr=0.1,
+                epochs=90,
+                warmup_epochs=10,
+                min_lr=0.0,
+                weight_decay=0.0,
+                layer_decay=1.0,
+                drop_path=0.0,
+                global_pool=False,
+            )
+        fills = {k: v for k, v in recipe.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **fills)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TrainingError(f"unknown fine-tuning settings: {', '.join(unknown)}")
+        return cls(**d)
+
+    def with_overrides(self, assignments: list[str]) -> FinetuneConfig:
+        return apply_overrides(self, assignments)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class LinearProbe(nnx.Module):
+    """A frozen ViT encoder, then BatchNorm without affine parameters, then the linear head."""
+
+    def __init__(self, vit: VisionTransformer, *, rngs: nnx.Rngs):
+        self.vit = vit
+        d = vit.config.embed_dim
+        # momentum 0.9 here is torch's 0.1; eps 1e-6 as the official probe.
+        self.bn = nnx.BatchNorm(
+            d, use_bias=False, use_scale=False, epsilon=1e-6, momentum=0.9, rngs=rngs
+        )
+        self.config = vit.config
+
+    def __call__(self, imgs, *, train: bool = False, key=None):
+        feats = jax.lax.stop_gradient(self.vit.features(imgs))
+        return self.vit.head(self.bn(feats, use_running_average=not train)).astype(jnp.float32)
+
+
+def fold_batchnorm(probe: LinearProbe) -> VisionTransformer:
+    """The probe as a plain classifier: the affine-free BatchNorm's running statistics folded into
+    the head, head(x) = W (x - mean) / sqrt(var + eps) + b, so that it evaluates identically."""
+    bn, head = probe.bn, probe.vit.head
+    inv_std = 1.0 / jnp.sqrt(jnp.asarray(bn.var[...]) + bn.epsilon)
+    kernel = jnp.asarray(head.kernel[...])
+    head.bias.set_value(
+        jnp.asarray(head.bias[...]) - (jnp.asarray(bn.mean[...]) * inv_std) @ kernel
+    )
+    head.kernel.set_value(kernel * inv_std[:, None])
+    return probe.vit
+
+
+def trainable_filter(mode: str):
+    """What the optimizer updates: every parameter, or only the probe's head."""
+    if mode == "linprobe":
+        return nnx.All(nnx.Param, nnx.PathContains("head"))
+    return nnx.Param
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def classify_step(
+    params: nnx.State,
+    opt_state: optax.OptState,
+    stats: nnx.State,
+    frozen: nnx.State,
+    imgs_NxHxWxC: jax.Array,
+    targets_NxC: jax.Array,
+    key: jax.Array,
+    step: jax.Array,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+) -> tuple[nnx.State, optax.OptState, nnx.State, dict[str, jax.Array]]:
+    """One micro-step on one device: soft-target cross-entropy, gradients and batch statistics
+    averaged over the devices, then the optimizer update."""
+    device_key = masking.step_device_key(key, step, AXIS)
+
+    def loss_fn(p, s, f):
+        model = nnx.merge(graphdef, p, s, f, copy=True)  # fresh variables at this trace level
+        logits = model(imgs_NxHxWxC, train=True, key=device_key)
+        return augment.soft_target_cross_entropy(logits, targets_NxC), nnx.state(
+            model, nnx.BatchStat
+        )
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, frozen)
+    grads = jax.lax.pmean(grads, AXIS)
+    new_stats = jax.lax.pmean(new_stats, AXIS)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": jax.lax.pmean(loss, AXIS), "grad_norm": optax.tree.norm(grads)}
+    return params, opt_state, new_stats, metrics
+
+
+def make_p_classify_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+    """``classify_step`` over every local device: the only ``jax.pmap`` of fine-tuning."""
+    return jax.pmap(
+        functools.partial(classify_step, graphdef=graphdef, tx=tx),
+        axis_name=AXIS,
+        in_axes=(0, 0, 0, 0, 0, 0, None, None),
+        donate_argnums=(0, 1),
+    )
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def build_model(config: FinetuneConfig, num_classes: int, dtype) -> nnx.Module:
+    """The classifier (or probe) to train, started from ``config.init`` when given."""
+    from mae_jax import load_pretrained
+
+    vit_config = get_vit_config(
+        config.preset,
+        num_classes=num_classes,
+        global_pool=config.global_pool,
+        drop_path_rate=config.drop_path,
+        **({"img_size": config.img_size} if config.img_size else {}),
+    )
+    head_std = 2e-5 if config.mode == "finetune" else 0.01
+    rngs = nnx.Rngs(config.seed)
+    if config.init:
+        mae = load_pretrained(config.init)
+        vit = init_classifier_from_mae(
+            mae, vit_config, rngs=rngs, dtype=dtype, head_init_std=head_std
+        )
+    else:
+        vit = VisionTransformer(vit_config, rngs=rngs, dtype=dtype, head_init_std=head_std)
+    return LinearProbe(vit, rngs=rngs) if config.mode == "linprobe" else vit
+
+
+def _make_optimizer(config: FinetuneConfig, params, schedule, depth: int):
+    if config.mode == "linprobe":
+        return optim.accumulate(
+            optim.lars(schedule, weight_decay=config.weight_decay), config.accum_iter
+        )
+    return optim.make_finetune_optimizer(
+        schedule,
+        layer_decay=config.layer_decay,
+        depth=depth,
+        weight_decay=config.weight_decay,
+        accum_steps=config.accum_iter,
+        params=params,
+    )
+
+
+def _transform(config: FinetuneConfig):
+    if config.mode == "linprobe":
+        return augment.linprobe_transform
+    return functools.partial(
+        augment.finetune_transform, auto_augment=config.auto_augment, re_prob=config.reprob
+    )
+
+
+def _targets(config: FinetuneConfig, images, labels, rng, num_classes):
+    """Soft targets of a host batch: mixup/cutmix with smoothing, or smoothed one-hot."""
+    if config.mode == "finetune" and (config.mixup > 0 or config.cutmix > 0):
+        return augment.mixup_cutmix(
+            images,
+            labels,
+            rng,
+            num_classes=num_classes,
+            mixup_alpha=config.mixup,
+            cutmix_alpha=config.cutmix,
+            prob=config.mixup_prob,
+            switch_prob=config.mixup_switch_prob,
+            label_smoothing=config.smoothing,
+        )
+    smoothing = config.smoothing if config.mode == "finetune" else 0.0
+    return images, augment.smooth_one_hot(labels, num_classes, smoothing)
+
+
+def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+    """Run (or resume) fine-tuning or linear probing in ``workdir``; returns a summary."""
+    from mae_jax import data as data_lib
+    from mae_jax.checkpoint import save_model
+    from mae_jax.cli import evaluate
+
+    config = config.resolved()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
+    if dtype is None:
+        raise TrainingError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
+    if not config.data:
+        raise TrainingError(
+            "--data is required: the training image folder (one sub-folder per class)"
+        )
+    _check_saved_config(workdir, config)
+
+    # ---- data
+    n_dev = jax.local_device_count()
+    folder = data_lib.ImageFolder(config.data)
+    num_classes = len(folder.classes)
+    val_folder = data_lib.ImageFolder(config.val) if config.val else None
+    if val_folder is not None and len(val_folder.classes) != num_classes:
+        raise data_lib.DataError(
+            f"{config.val}: has {len(val_folder.classes)} class folders, {config.data} has {num_classes}"
+        )
+    host_batch = config.batch_size * n_dev
+    if config.mode == "finetune" and config.mixup + config.cutmix > 0 and host_batch % 2:
+        raise TrainingError(f"mixup needs an even batch per host, got {host_batch}")
+    model = build_model(config, num_classes, dtype)
+    img_size = model.config.img_size
+    loader = data_lib.pretrain_batches(
+        folder,
+        batch_size=host_batch,
+        img_size=img_size,
+        seed=config.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        read_threads=config.read_threads,
+        worker_count=config.worker_count,
+        transform=_transform(config),
+    )
+    iters = loader.steps_per_epoch
+    used_per_epoch = (iters // config.accum_iter) * config.accum_iter
+    if used_per_epoch == 0:
+        raise TrainingError(
+            f"accum_iter {config.accum_iter} exceeds the {iters} batches of an epoch"
+        )
+    total_steps = config.epochs * used_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    # ---- model and optimizer
+    eff_batch = host_batch * jax.process_count() * config.accum_iter
+    peak_lr = config.lr if config.lr is not None else optim.scaled_lr(config.blr, eff_batch)
+    schedule = optim.epoch_schedule(
+        peak_lr,
+        min_lr=config.min_lr,
+        epochs=config.epochs,
+        warmup_epochs=config.warmup_epochs,
+        iters_per_epoch=iters,
+        accum_iter=config.accum_iter,
+    )
+    graphdef, params, stats, frozen = nnx.split(
+        model, trainable_filter(config.mode), nnx.BatchStat, ...
+    )
+    tx = _make_optimizer(config, params, schedule, model.config.depth)
+    opt_state = tx.init(params)
+
+    ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
+    step = 0
+    states = {"params": params, "stats": stats, "frozen": frozen}
+    start = ckpts.latest_step()
+    if start is not None:
+        states, opt_state, meta = ckpts.restore(start, states, opt_state)
+        loader.set_state(meta["data"])
+        step = int(meta["step"])
+        print(f"resuming from {workdir / 'checkpoints'} at step {step} (epoch {loader.epoch})")
+    rep = {k: replicate(v, n_dev) for k, v in states.items()}
+    rep_opt = replicate(opt_state, n_dev)
+    p_step = make_p_classify_step(graphdef, tx)
+    base_key = jax.random.key(config.seed)
+
+    is_main = jax.process_index() == 0
+    log = _MetricsLog(workdir, enabled=is_main)
+    bar = _progress(progress and is_main, total_steps, step)
+    window: list[float] = []
+    t_window = time.perf_counter()
+    summary: dict[str, Any] = {"start_step": step, "interrupted": None, "val": []}
+
+    def current_model():
+        return nnx.merge(graphdef, *(unreplicate(rep[k]) for k in ("params", "stats", "frozen")))
+
+    def save():
+        meta = {
+            "step": step,
+            "epoch": loader.epoch,
+            "data": loader.get_state(),
+            "config": config.to_dict(),
+        }
+        ckpts.save(step, rep, rep_opt, meta)
+
+    def validate(epoch: int):
+        if val_folder is None or not is_main:
+            return
+        r = evaluate(current_model(), val_folder, batch_size=config.batch_size)
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "val_top1": r["top1"],
+            "val_top5": r["top5"],
+            "val_loss": r["loss"],
+        }
+        log.write(record)
+        summary["val"].append(record)
+
+    try:
+        with _Interrupt() as interrupt:
+            while step < total_steps:
+                if loader.step >= used_per_epoch:
+                    next(loader)
+                    continue
+                epoch, batch = next(loader)
+                rng = np.random.default_rng([2, config.seed, step])
+                images, targets = _targets(config, batch["image"], batch["label"], rng, num_classes)
+                lr = float(schedule(step // config.accum_iter))
+                new_params, new_opt, new_stats, metrics = p_step(
+                    rep["params"],
+                    rep_opt,
+                    rep["stats"],
+                    rep["frozen"],
+                    shard_batch(images, n_dev),
+                    shard_batch(targets.astype(np.float32), n_dev),
+                    base_key,
+                    step,
+                )
+                loss = float(metrics["loss"][0])
+                if not math.isfinite(loss):
+                    last = ckpts.latest_step()
+                    raise TrainingError(
+                        f"loss is {loss} at step {step} (epoch {epoch}); stopped. "
+                        + (
+                            f"The last good checkpoint (step {last}) is intact."
+                            if last is not None
+                            else "No checkpoint was written yet."
+                        )
+                    )
+                rep["params"], rep_opt, rep["stats"] = new_params, new_opt, new_stats
+                step += 1
+                window.append(loss)
+                bar.update(1)
+                if step % config.log_every == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    record = {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": float(np.mean(window)),
+                        "lr": lr,
+                        "images_per_s": len(window)
+                        * host_batch
+                        * jax.process_count()
+                        / (now - t_window),
+                        "skipped_images": loader.num_skipped,
+                    }
+                    log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                    window, t_window = [], now
+                if step % used_per_epoch == 0:
+                    validate(epoch)
+                if step % config.ckpt_every == 0 or step == total_steps:
+                    save()
+                if interrupt.signal is not None:
+                    if ckpts.latest_step() != step:
+                        save()
+                    summary["interrupted"] = signal.Signals(interrupt.signal).name
+                    break
+    finally:
+        ckpts.wait()
+        ckpts.close()
+        bar.close()
+        log.close()
+        loader.close()
+    summary.update(end_step=step, total_steps=total_steps, skipped_images=loader.num_skipped)
+    if summary["interrupted"] is None and is_main:
+        m = current_model()
+        classifier = fold_batchnorm(m) if isinstance(m, LinearProbe) else m
+        out = save_model(
+            classifier,
+            workdir / "model",
+            metadata={
+                "family": config.mode,
+                "preset": config.preset,
+                "source": {"run": str(workdir)},
+            },
+            force=True,
+        )
+        summary["model"] = str(out)
+    return summary

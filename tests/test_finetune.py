@@ -1,0 +1,184 @@
+"""Fine-tuning and linear probing loops on a tiny synthetic task, on 8 fake CPU devices."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+import mae_jax
+from convert.pth_to_orbax import convert_pth
+from mae_jax import finetune
+from mae_jax.classifier import VisionTransformer
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _two_class_folder(root: Path, per_class: int, seed: int) -> Path:
+    """Horizontal vs vertical stripes, random phase and colours: easy for a tiny ViT."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:40, 0:40]
+    for label, name in enumerate(["horizontal", "vertical"]):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            coord = yy if label == 0 else xx
+            wave = (np.sin(coord / 2.0 + rng.uniform(0, 6)) > 0).astype(np.float32)
+            c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+            img = wave[..., None] * c1 + (1 - wave[..., None]) * c2
+            Image.fromarray(img.astype(np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    return _two_class_folder(root / "train", 32, 0), _two_class_folder(root / "val", 16, 1)
+
+
+@pytest.fixture(scope="module")
+def mae_init(tmp_path_factory):
+    out, _ = convert_pth(GOLDEN / "tiny_shared.pth", tmp_path_factory.mktemp("mae") / "tiny")
+    return out
+
+
+def _config(mode, task, init, **kw):
+    train, val = task
+    base = dict(
+        mode=mode,
+        preset="vit_tiny_patch4",
+        data=str(train),
+        val=str(val),
+        init=str(init),
+        batch_size=2,
+        epochs=12,
+        warmup_epochs=1,
+        log_every=4,
+        read_threads=2,
+        auto_augment="",
+        reprob=0.0,
+        mixup=0.0,
+        cutmix=0.0,
+    )
+    base.update(kw)
+    return finetune.FinetuneConfig(**base)
+
+
+def test_recipe_defaults():
+    ft = finetune.FinetuneConfig(preset="vit_large_patch16").resolved()
+    assert (ft.blr, ft.layer_decay, ft.drop_path, ft.epochs, ft.warmup_epochs) == (
+        1e-3,
+        0.75,
+        0.2,
+        50,
+        5,
+    )
+    assert (ft.smoothing, ft.mixup, ft.cutmix, ft.reprob, ft.global_pool) == (
+        0.1,
+        0.8,
+        1.0,
+        0.25,
+        True,
+    )
+    assert finetune.FinetuneConfig().resolved().layer_decay == 0.65
+    lp = finetune.FinetuneConfig(mode="linprobe").resolved()
+    assert (lp.blr, lp.weight_decay, lp.epochs, lp.warmup_epochs, lp.global_pool) == (
+        0.1,
+        0.0,
+        90,
+        10,
+        False,
+    )
+
+
+def test_finetuning_lifts_validation_accuracy_above_chance(task, mae_init, tmp_path):
+    summary = finetune.finetune(
+        _config("finetune", task, mae_init, lr=5e-3, epochs=20), tmp_path, progress=False
+    )
+    accs = [r["val_top1"] for r in summary["val"]]
+    assert len(accs) == 20
+    assert max(accs[-3:]) >= 80.0, accs  # chance is 50%
+    model = mae_jax.load_pretrained(tmp_path / "model")
+    assert isinstance(model, VisionTransformer) and model.config.num_classes == 2
+
+
+def test_finetuning_with_the_full_augmentation_runs(task, mae_init, tmp_path):
+    cfg = _config(
+        "finetune",
+        task,
+        mae_init,
+        lr=1e-3,
+        max_steps=3,
+        log_every=1,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        reprob=0.25,
+        mixup=0.8,
+        cutmix=1.0,
+        drop_path=0.1,
+    )
+    summary = finetune.finetune(cfg, tmp_path, progress=False)
+    assert summary["end_step"] == 3
+    losses = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x
+    ]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def _colour_folder(root: Path, per_class: int, seed: int) -> Path:
+    """Reddish vs bluish noise: linearly separable even in a random encoder's features."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(["red", "blue"]):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.uniform(0, 120, (40, 40, 3))
+            img[..., 0 if label == 0 else 2] += 120
+            Image.fromarray(img.astype(np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def test_linear_probe_trains_only_the_head_and_folds_batchnorm(mae_init, tmp_path):
+    task = (_colour_folder(tmp_path / "train", 32, 0), _colour_folder(tmp_path / "val", 16, 1))
+    cfg = _config(
+        "linprobe", task, mae_init, lr=20.0, epochs=6, log_every=100
+    )  # LARS: steps of lr * 1e-3 * |w|
+    summary = finetune.finetune(cfg, tmp_path / "run", progress=False)
+    probe_model = mae_jax.load_pretrained(tmp_path / "run" / "model")
+    encoder = mae_jax.load_pretrained(mae_init)
+    # the encoder is untouched
+    np.testing.assert_array_equal(
+        probe_model.blocks[1].mlp.fc2.kernel[...], encoder.blocks[1].mlp.fc2.kernel[...]
+    )
+    np.testing.assert_array_equal(probe_model.norm.scale[...], encoder.norm.scale[...])
+    assert summary["val"][-1]["val_top1"] >= 90.0, summary["val"]
+    # the exported classifier (BatchNorm folded into the head) scores what the probe scored
+    from mae_jax.cli import evaluate
+    from mae_jax.data import ImageFolder
+
+    exported = evaluate(probe_model, ImageFolder(task[1]), batch_size=8)
+    assert exported["top1"] == pytest.approx(summary["val"][-1]["val_top1"])
+
+
+def test_batchnorm_folding_is_exact():
+    cfg = mae_jax.config.get_vit_config("vit_tiny_patch4", global_pool=False, num_classes=3)
+    probe = finetune.LinearProbe(
+        VisionTransformer(cfg, rngs=nnx.Rngs(0), head_init_std=0.5), rngs=nnx.Rngs(1)
+    )
+    probe.bn.mean[...] = jnp.linspace(-1, 1, 64)
+    probe.bn.var[...] = jnp.linspace(0.5, 2, 64)
+    imgs = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+    want = probe(imgs)
+    got = finetune.fold_batchnorm(probe)(imgs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_settings(task, tmp_path):
+    with pytest.raises(finetune.TrainingError, match="mode must be finetune or linprobe"):
+        finetune.FinetuneConfig(mode="distill").resolved()
+    with pytest.raises(finetune.TrainingError, match="key one of"):
+        finetune.FinetuneConfig().with_overrides(["nope=1"])
+    assert finetune.FinetuneConfig().with_overrides(["blr=0.002", "val=none"]).blr == 0.002
