@@ -1,7 +1,7 @@
 """Speed of the MAE forward pass on CPU: mae_jax under jit against Hugging Face ViTMAE in torch.
 
 Run from the repository root: `python bench/bench_forward.py [--batch 8] [--preset mae_vit_base_patch16]
-[--reps 7] [--dtype float32|bfloat16] [--threads 2] [--transposed-attention]`.
+[--reps 7] [--dtype float32|bfloat16] [--threads 2]`.
 About two minutes for ViT-B at batch 8 on 2 idle cores (much longer on a loaded machine).
 
 1. The masked pretraining forward (loss, pred, mask at mask ratio 0.75): mae_jax jitted against
@@ -9,9 +9,6 @@ About two minutes for ViT-B at batch 8 on 2 idle cores (much longer on a loaded 
    images and noise. Repetitions alternate between the candidates so machine noise hits all of them
    alike; the headline is torch (faster variant) / jax. Also prints how far loss and pred differ.
 2. The encoder alone (forward_encoder, jitted) at mask ratio 0.75 against 0.0: what masking saves.
-
---transposed-attention adds a candidate: mae_jax with heads moved before tokens, (n, h, t, c), ahead
-of both attention products (a proposed change to model.py's Attention, same order of operations).
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ import numpy as np
 
 MASK_RATIO = 0.75
 SHIPPED = "jax"
-PROPOSED = "jax nhtc-attn"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,40 +31,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per candidate")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument(
-        "--transposed-attention",
-        action="store_true",
-        help="also time mae_jax with (n, h, t, c) attention einsums (proposed for model.py)",
-    )
     args = parser.parse_args(argv)
     if args.batch < 1 or args.reps < 1 or args.threads < 1:
         parser.error("--batch, --reps and --threads must be positive")
     return args
-
-
-def transposed_attention_model(model):
-    """A copy of ``model`` whose Attention modules run both products in (n, h, t, c) layout."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from mae_jax.model import Attention
-
-    class HeadsFirstAttention(Attention):
-        def __call__(self, x_NxTxD: jax.Array) -> jax.Array:
-            n, t, d = x_NxTxD.shape
-            h = self.num_heads
-            qkv = self.qkv(x_NxTxD).reshape(n, t, 3, h, d // h).transpose(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            logits = jnp.einsum("nhqc,nhkc->nhqk", q, k) * self.scale
-            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-            out = jnp.einsum("nhqk,nhkc->nhqc", weights, v)
-            return self.proj(out.transpose(0, 2, 1, 3).reshape(n, t, d))
-
-    copy = nnx.merge(*nnx.split(model))
-    for block in [*copy.blocks, *copy.decoder_blocks]:
-        block.attn.__class__ = HeadsFirstAttention
-    return copy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     jax_runs = {SHIPPED: jitted(model)}
-    if args.transposed_attention:
-        jax_runs[PROPOSED] = jitted(transposed_attention_model(model))
 
     def run_torch(attn):
         with torch.no_grad():
@@ -213,26 +177,6 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ),
     ]
-    if PROPOSED in jax_runs:
-        proposed_ms = forward_ms[PROPOSED]
-        rows += [
-            (
-                f"masked forward, {PROPOSED}",
-                f"{proposed_ms:.1f} ms",
-                f"jax / this {jax_ms / proposed_ms:.2f}x",
-            ),
-            (f"{best_torch} / {PROPOSED}", f"{forward_ms[best_torch] / proposed_ms:.2f}x", ""),
-            (
-                f"{PROPOSED} max |pred diff| eager",
-                f"{diffs[PROPOSED, 'eager'][1]:.1e}",
-                f"(jax: {diffs[SHIPPED, 'eager'][1]:.1e})",
-            ),
-            (
-                f"{PROPOSED} encoder r=0 / r=0.75",
-                f"{encoder_ms[PROPOSED, 0.0]:.0f} / {encoder_ms[PROPOSED, MASK_RATIO]:.0f} ms",
-                f"{encoder_ms[PROPOSED, 0.0] / encoder_ms[PROPOSED, MASK_RATIO]:.2f}x",
-            ),
-        ]
     _common.print_summary(
         f"{args.preset}, batch {args.batch}, {args.dtype}, median of {args.reps}, "
         f"torch threads {args.threads}",
