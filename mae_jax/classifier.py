@@ -104,14 +104,8 @@ class VisionTransformer(nnx.Module):
         """Per-block drop rate: linspace(0, drop_path_rate, depth), as timm's VisionTransformer."""
         return [float(r) for r in np.linspace(0.0, self.config.drop_path_rate, self.config.depth)]
 
-    def _check_images(self, imgs: jax.Array) -> None:
-        c = self.config
-        want = (c.img_size, c.img_size, c.in_chans)
-        if imgs.ndim != 4 or tuple(imgs.shape[1:]) != want:
-            raise ValueError(
-                f"expected images of shape [N, {c.img_size}, {c.img_size}, {c.in_chans}] (NHWC) "
-                f"for this classifier, got {tuple(imgs.shape)}"
-            )
+    # The MAE's input check: it reads only the encoder sizes both configs share.
+    _check_images = MaskedAutoencoderViT._check_images
 
     def forward_features(
         self,

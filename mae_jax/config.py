@@ -6,11 +6,46 @@ import dataclasses
 import json
 from typing import Any, TypeVar
 
-_C = TypeVar("_C", bound="_JsonConfig")
+_C = TypeVar("_C", bound="_EncoderConfig")
 
 
-class _JsonConfig:
-    """JSON round trip and ``replace`` for the frozen config dataclasses below."""
+@dataclasses.dataclass(frozen=True)
+class _EncoderConfig:
+    """The ViT encoder's sizes, shared by the MAE and the classifier, with JSON round trip.
+
+    Field names follow the official constructors (``MaskedAutoencoderViT``, ``VisionTransformer``).
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        self._check_width(self.embed_dim, self.num_heads, "encoder")
+
+    @staticmethod
+    def _check_width(dim: int, heads: int, what: str) -> None:
+        if dim % heads:
+            raise ValueError(f"{what} width {dim} is not divisible by its {heads} heads")
+        if dim % 4:
+            raise ValueError(f"2-D sin-cos position embeddings need widths divisible by 4 ({what})")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
 
     def replace(self: _C, **changes: Any) -> _C:
         return dataclasses.replace(self, **changes)
@@ -33,48 +68,19 @@ class _JsonConfig:
     def from_json(cls: type[_C], text: str) -> _C:
         return cls.from_dict(json.loads(text))
 
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
 
 @dataclasses.dataclass(frozen=True)
-class MAEConfig(_JsonConfig):
-    """Architecture of a masked autoencoder (the encoder, and the decoder used in pretraining).
+class MAEConfig(_EncoderConfig):
+    """Architecture of a masked autoencoder: the encoder, and the decoder used in pretraining."""
 
-    Field names follow the official ``MaskedAutoencoderViT`` constructor.
-    """
-
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 1024
-    depth: int = 24
-    num_heads: int = 16
     decoder_embed_dim: int = 512
     decoder_depth: int = 8
     decoder_num_heads: int = 16
-    mlp_ratio: float = 4.0
     norm_pix_loss: bool = False
-    layer_norm_eps: float = 1e-6
 
     def __post_init__(self):
-        if self.img_size % self.patch_size:
-            raise ValueError(
-                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
-            )
-        for dim, heads, what in (
-            (self.embed_dim, self.num_heads, "encoder"),
-            (self.decoder_embed_dim, self.decoder_num_heads, "decoder"),
-        ):
-            if dim % heads:
-                raise ValueError(f"{what} width {dim} is not divisible by its {heads} heads")
-        if self.embed_dim % 4 or self.decoder_embed_dim % 4:
-            raise ValueError("2-D sin-cos position embeddings need widths divisible by 4")
+        super().__post_init__()
+        self._check_width(self.decoder_embed_dim, self.decoder_num_heads, "decoder")
 
     @property
     def patch_dim(self) -> int:
@@ -128,7 +134,7 @@ def get_config(name: str, **overrides: Any) -> MAEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig(_JsonConfig):
+class ViTConfig(_EncoderConfig):
     """Architecture of a fine-tuned ViT classifier (the official ``models_vit.VisionTransformer``).
 
     ``global_pool``: mean of the patch tokens then ``fc_norm`` (the fine-tuning default); otherwise
@@ -136,29 +142,12 @@ class ViTConfig(_JsonConfig):
     stochastic depth of the last block (it rises linearly from 0 over the blocks).
     """
 
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
     num_classes: int = 1000
     global_pool: bool = True
     drop_path_rate: float = 0.1
-    layer_norm_eps: float = 1e-6
 
     def __post_init__(self):
-        if self.img_size % self.patch_size:
-            raise ValueError(
-                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
-            )
-        if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"width {self.embed_dim} is not divisible by its {self.num_heads} heads"
-            )
-        if self.embed_dim % 4:
-            raise ValueError("2-D sin-cos position embeddings need a width divisible by 4")
+        super().__post_init__()
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {self.num_classes}")
         if not 0.0 <= self.drop_path_rate < 1.0:

@@ -49,11 +49,16 @@ def _official_classifier_pth(path: Path, preset: str, seed: int, **overrides) ->
 
 
 def _assert_parity_with_hf(checkpoint: Path, pth: Path, batch: int) -> dict:
+    """Every stage within the parity tool's default bound (1e-5 + 2e-6 * max |reference|: ViT-B's
+    block outputs reach ~10, where float32 rounding alone is ~1e-6), features and logits within
+    1e-5 absolute."""
     ours, ref, _ = parity.run_parity(checkpoint, pth=pth, batch=batch, seed=3)
-    rows = parity.compare(ours, ref, atol=1e-5, loss_rtol=1e-6)
+    rows = parity.compare(ours, ref, atol=1e-5, rtol=2e-6, loss_rtol=1e-6)
     assert {r.stage for r in rows} == {"patch_embed", "enc_blocks", "features", "logits"}
     assert all(r.ok for r in rows), parity.format_table(rows, enforce=True)
-    return {r.stage: r.max_abs for r in rows}
+    errors = {r.stage: r.max_abs for r in rows}
+    assert errors["features"] < 1e-5 and errors["logits"] < 1e-5, errors
+    return errors
 
 
 # ------------------------------------------------------------------ golden and parity
@@ -84,8 +89,7 @@ def test_vit_base_classifier_matches_hf(tmp_path):
     assert meta["preset"] == "vit_base_patch16"
     config = mae_jax.load_pretrained(out).config
     assert (config.num_classes, config.global_pool, config.img_size) == (10, True, 224)
-    errors = _assert_parity_with_hf(out, pth, batch=2)
-    assert errors["logits"] < 1e-5
+    _assert_parity_with_hf(out, pth, batch=2)
 
 
 def test_cls_token_classifier_matches_hf(tmp_path):
