@@ -59,18 +59,32 @@ def create_classifier(
     return VisionTransformer(config, rngs=rngs if rngs is not None else nnx.Rngs(0), dtype=dtype)
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Module:
-    """The model in a mae-jax checkpoint directory (from the converter or ``mae-jax export``), or
-    the latest checkpoint of a ``mae-jax pretrain`` run directory: an MAE (``MaskedAutoencoderViT``,
-    with or without decoder) or a fine-tuned classifier (``VisionTransformer``)."""
-    from mae_jax.checkpoint import METADATA_FILE, load_model
+def checkpoint_dir(path: str | os.PathLike) -> Path | None:
+    """The checkpoint directory ``path`` names: itself, or the ``model/`` a finished fine-tuning
+    run exported; None for a pretraining run directory (whose model lives in its Orbax steps)."""
+    from mae_jax.checkpoint import METADATA_FILE
 
     path = Path(path)
-    if not (path / METADATA_FILE).exists() and (path / "checkpoints").is_dir():
+    if (path / METADATA_FILE).exists() or not (path / "checkpoints").is_dir():
+        return path
+    if (path / "model" / METADATA_FILE).exists():
+        return path / "model"
+    return None
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Module:
+    """The model in a mae-jax checkpoint directory (from the converter or ``mae-jax export``), the
+    classifier a finished fine-tuning run exported, or the latest checkpoint of a ``mae-jax
+    pretrain`` run directory: an MAE (``MaskedAutoencoderViT``, with or without decoder) or a
+    fine-tuned classifier (``VisionTransformer``)."""
+    from mae_jax.checkpoint import load_model
+
+    directory = checkpoint_dir(path)
+    if directory is None:
         from mae_jax.train import load_trained_model
 
         return load_trained_model(path, dtype=dtype)
-    return load_model(path, dtype=dtype)
+    return load_model(directory, dtype=dtype)
 
 
 __all__ = [

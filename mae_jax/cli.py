@@ -196,12 +196,11 @@ def reconstruct_figure(
 
 def _model_type(checkpoint: str) -> str:
     """The model type a checkpoint directory records ('mae' for a pretraining run directory)."""
-    from mae_jax.checkpoint import METADATA_FILE, read_metadata
+    from mae_jax import checkpoint_dir
+    from mae_jax.checkpoint import read_metadata
 
-    path = Path(checkpoint)
-    if not (path / METADATA_FILE).exists() and (path / "checkpoints").is_dir():
-        return "mae"
-    return read_metadata(checkpoint)["model_type"]
+    directory = checkpoint_dir(checkpoint)
+    return "mae" if directory is None else read_metadata(directory)["model_type"]
 
 
 def _run_reconstruct(args) -> int:

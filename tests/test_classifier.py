@@ -392,6 +392,21 @@ def test_eval_metrics_match_a_direct_computation(tmp_path, tiny_classifier):
     assert result["top1"] == pytest.approx(100 * np.mean(logits.argmax(1) == folder.labels))
 
 
+def test_a_finished_finetuning_run_directory_gives_its_exported_classifier(
+    tmp_path, capsys, tiny_classifier
+):
+    model, _ = tiny_classifier
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)  # a run directory: Orbax steps, and model/ at the end
+    save_model(model, run / "model")
+    loaded = mae_jax.load_pretrained(run)
+    assert isinstance(loaded, mae_jax.VisionTransformer)
+    jax.tree.map(np.testing.assert_array_equal, state_as_numpy(loaded), state_as_numpy(model))
+    folder = _image_folder(tmp_path / "val", {"a": 1, "b": 1})
+    code, out, err = _run_cli(capsys, "eval", "--data", folder, "--checkpoint", run, "--quiet")
+    assert code == 0 and "* Acc@1" in out, err
+
+
 def _one_line_error(code, err, *needles):
     assert code == 2 and err.count("\n") == 1 and err.startswith("mae-jax: error: "), err
     for needle in needles:
