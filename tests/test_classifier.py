@@ -22,6 +22,7 @@ from mae_jax.checkpoint import save_model, state_as_numpy
 from mae_jax.classifier import (
     EncoderMismatchError,
     _block_forward,
+    classification_counts,
     drop_path,
     init_classifier_from_mae,
     interpolate_pos_embed,
@@ -381,6 +382,21 @@ class ImageFolderImages:
         folder = data.ImageFolder(root)
         self.labels = folder.labels
         self.pixels = np.stack([data.eval_transform(data.decode_rgb(p), 32) for p in folder.paths])
+
+
+def test_classification_counts_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((40, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 40).astype(np.int32)
+    valid = rng.random(40) < 0.8
+    got = jax.jit(classification_counts)(logits, labels, valid)
+    ranks = (logits > logits[np.arange(40), labels][:, None]).sum(1)  # classes ahead of the label
+    log_probs = logits - np.log(np.exp(logits.astype(np.float64)).sum(1, keepdims=True))
+    nll = -log_probs[np.arange(40), labels]
+    assert float(got["count"]) == valid.sum()
+    assert float(got["top1"]) == ((ranks == 0) & valid).sum()
+    assert float(got["top5"]) == ((ranks < 5) & valid).sum()
+    assert float(got["loss"]) == pytest.approx(nll[valid].sum(), rel=1e-6)
 
 
 def test_eval_metrics_match_a_direct_computation(tmp_path, tiny_classifier):
