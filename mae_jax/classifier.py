@@ -177,6 +177,44 @@ def classification_counts(
     }
 
 
+def evaluate(model, folder, *, batch_size: int, progress: bool = False) -> dict:
+    """Accuracy of ``model`` on an ``ImageFolder`` with the official eval transform (one pass,
+    jitted): dict(top1, top5 [%], k, loss (mean cross-entropy), count, skipped)."""
+    from tqdm import tqdm
+
+    from mae_jax import data
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def counts(state, images, labels, valid):
+        return classification_counts(nnx.merge(graphdef, state)(images), labels, valid)
+
+    totals = dict.fromkeys(("top1", "top5", "loss", "count"), 0.0)
+    batches = data.eval_batches(folder, batch_size=batch_size, img_size=model.config.img_size)
+    bar = tqdm(
+        batches,
+        total=-(-len(folder) // batch_size),
+        unit="batch",
+        disable=None if progress else True,
+    )
+    for batch in bar:
+        out = counts(state, batch["image"], batch["label"], batch["valid"])
+        for key in totals:
+            totals[key] += float(out[key])
+    count = int(totals["count"])
+    if count == 0:
+        raise data.DataError(f"{folder.root}: none of its {len(folder)} images could be read")
+    return {
+        "top1": 100.0 * totals["top1"] / count,
+        "top5": 100.0 * totals["top5"] / count,
+        "k": min(5, model.config.num_classes),
+        "loss": totals["loss"] / count,
+        "count": count,
+        "skipped": len(folder) - count,
+    }
+
+
 # --------------------------------------------------------------------------- from an MAE
 
 

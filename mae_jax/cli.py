@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 
 
+class UsageError(ValueError):
+    """A bad command-line value; the message says which and why."""
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes that mean 'bad input', not 'bug' (imported lazily: jax is slow)."""
     from mae_jax.checkpoint import CheckpointError
@@ -21,6 +25,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mae_jax.visualize import PanelInputError
 
     return (
+        UsageError,
         CheckpointError,
         DataError,
         MissingDecoderError,
@@ -34,21 +39,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # --------------------------------------------------------------------------- pretrain
 
 
-def _add_pretrain(sub) -> None:
-    p = sub.add_parser(
-        "pretrain",
-        help="pretrain an MAE on an image folder (default: the bundled sample photographs)",
-        description=(
-            "Pretrain an MAE with the official recipe (AdamW 0.9/0.95, wd 0.05, lr = blr x batch / "
-            "256, warmup + cosine, norm-pix loss, mask ratio 0.75) on every local device. Rerun "
-            "the same command to resume after an interruption."
-        ),
-    )
-    p.add_argument(
-        "--data", help="image folder (class sub-folders or flat); default: bundled photos"
-    )
-    p.add_argument("--preset", help="model preset, e.g. mae_vit_large_patch16")
-    p.add_argument("--workdir", default=None, help="run directory (checkpoints, metrics, figures)")
+def _add_run_arguments(p) -> None:
+    """Settings, precision, multi-host and progress options shared by the training commands."""
     p.add_argument("--config", help="a JSON file of settings (keys as in --set)")
     p.add_argument(
         "--set",
@@ -66,6 +58,57 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--num-processes", type=int, help="number of hosts for --distributed")
     p.add_argument("--process-id", type=int, help="this host's index for --distributed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _start_distributed(args) -> None:
+    import jax
+
+    if not args.distributed:
+        return
+    kwargs = {
+        k: v
+        for k, v in (
+            ("coordinator_address", args.coordinator),
+            ("num_processes", args.num_processes),
+            ("process_id", args.process_id),
+        )
+        if v is not None
+    }
+    # CPU-only hosts need gloo for cross-process collectives; GPU/TPU backends ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+
+
+def _settings(config_cls, base, args, changes: dict, error_cls):
+    """``base`` updated by --config, then the named options, then --set."""
+    config = base
+    if args.config:
+        try:
+            loaded = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise error_cls(f"{args.config}: cannot read settings ({e})") from None
+        config = config_cls.from_dict({**config.to_dict(), **loaded})
+    given = {k: v for k, v in changes.items() if v is not None}
+    config = config_cls.from_dict({**config.to_dict(), **given})
+    return config.with_overrides(args.overrides)
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain an MAE on an image folder (default: the bundled sample photographs)",
+        description=(
+            "Pretrain an MAE with the official recipe (AdamW 0.9/0.95, wd 0.05, lr = blr x batch / "
+            "256, warmup + cosine, norm-pix loss, mask ratio 0.75) on every local device. Rerun "
+            "the same command to resume after an interruption."
+        ),
+    )
+    p.add_argument(
+        "--data", help="image folder (class sub-folders or flat); default: bundled photos"
+    )
+    p.add_argument("--preset", help="model preset, e.g. mae_vit_large_patch16")
+    p.add_argument("--workdir", default=None, help="run directory (checkpoints, metrics, figures)")
+    _add_run_arguments(p)
     p.set_defaults(run=_run_pretrain)
 
 
@@ -74,33 +117,12 @@ def _run_pretrain(args) -> int:
 
     from mae_jax import train
 
-    if args.distributed:
-        kwargs = {
-            k: v
-            for k, v in (
-                ("coordinator_address", args.coordinator),
-                ("num_processes", args.num_processes),
-                ("process_id", args.process_id),
-            )
-            if v is not None
-        }
-        # CPU-only hosts need gloo for cross-process collectives; GPU/TPU backends ignore it.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(**kwargs)
-    config = train.PretrainConfig()
+    _start_distributed(args)
+    base = train.PretrainConfig()
     if args.data is None and args.preset is None and args.config is None:
-        config = train.PretrainConfig(**_embedded_default())
-    if args.config:
-        try:
-            loaded = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise train.TrainingError(f"{args.config}: cannot read settings ({e})") from None
-        config = train.PretrainConfig.from_dict({**config.to_dict(), **loaded})
-    changes = {
-        k: v for k, v in (("data", args.data), ("preset", args.preset), ("dtype", args.dtype)) if v
-    }
-    config = train.PretrainConfig.from_dict({**config.to_dict(), **changes})
-    config = config.with_overrides(args.overrides)
+        base = train.PretrainConfig(**_embedded_default())
+    changes = {"data": args.data, "preset": args.preset, "dtype": args.dtype}
+    config = _settings(train.PretrainConfig, base, args, changes, train.TrainingError)
     workdir = args.workdir or ("runs/demo" if config.data is None else "runs/pretrain")
     print(
         f"pretraining {config.preset} on {config.data or 'the bundled sample photographs'} "
@@ -127,6 +149,76 @@ def _embedded_default() -> dict:
     from mae_jax import assets
 
     return assets.demo_pretrain_settings()
+
+
+# --------------------------------------------------------------------------- finetune, linprobe
+
+
+def _add_finetune(sub, mode: str) -> None:
+    what = {
+        "finetune": (
+            "fine-tune an MAE encoder as a classifier (the official recipe)",
+            "AdamW with layer-wise lr decay, drop path, RandAugment, random erasing, mixup and "
+            "cutmix with label smoothing, warmup + cosine; the recipe's values follow --preset",
+        ),
+        "linprobe": (
+            "train a linear classifier on a frozen MAE encoder (the official probe)",
+            "frozen encoder (cls token), BatchNorm without affine before the head, LARS, the "
+            "weak augmentation",
+        ),
+    }[mode]
+    p = sub.add_parser(
+        mode,
+        help=what[0],
+        description=f"{what[0][0].upper()}{what[0][1:]}: {what[1]}. "
+        "Validates after every epoch; rerun the same command to resume.",
+    )
+    p.add_argument("--data", required=True, help="training folder (one sub-folder per class)")
+    p.add_argument("--val", help="validation folder (same classes)")
+    p.add_argument("--init", help="MAE checkpoint directory or pretraining run to start from")
+    p.add_argument("--preset", help="classifier preset, e.g. vit_base_patch16 (default)")
+    p.add_argument("--workdir", default=f"runs/{mode}", help=f"run directory (default runs/{mode})")
+    _add_run_arguments(p)
+    p.set_defaults(run=_run_finetune, mode=mode)
+
+
+def _run_finetune(args) -> int:
+    import jax
+
+    from mae_jax import finetune
+
+    _start_distributed(args)
+    changes = {
+        "mode": args.mode,
+        "data": args.data,
+        "val": args.val,
+        "init": args.init,
+        "preset": args.preset,
+        "dtype": args.dtype,
+    }
+    config = _settings(
+        finetune.FinetuneConfig, finetune.FinetuneConfig(), args, changes, finetune.TrainingError
+    )
+    print(
+        f"{args.mode}: {config.preset} on {config.data} from {config.init or 'scratch'} over "
+        f"{jax.local_device_count()} local device(s) x {jax.process_count()} host(s); "
+        f"workdir {args.workdir}"
+    )
+    summary = finetune.finetune(config, args.workdir, progress=not args.quiet)
+    if summary["interrupted"]:
+        print(
+            f"interrupted by {summary['interrupted']} at step {summary['end_step']}; checkpoint "
+            "saved. Run the same command again to resume."
+        )
+        return 0
+    if summary["val"]:
+        last = summary["val"][-1]
+        print(
+            f"validation after epoch {last['epoch']}: Acc@1 {last['val_top1']:.3f} "
+            f"Acc@5 {last['val_top5']:.3f}"
+        )
+    print(f"done: {summary['end_step']} steps; the classifier is in {summary['model']}")
+    return 0
 
 
 # --------------------------------------------------------------------------- reconstruct
@@ -208,10 +300,10 @@ def _run_reconstruct(args) -> int:
     from mae_jax.model import MissingDecoderError
 
     if not 0.0 <= args.mask_ratio < 1.0:
-        raise SystemExit(_fail(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}"))
+        raise UsageError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     for path in args.images:
         if not Path(path).is_file():
-            raise SystemExit(_fail(f"{path}: no such image file"))
+            raise UsageError(f"{path}: no such image file")
     if _model_type(args.checkpoint) == "vit_classifier":
         raise MissingDecoderError(
             f"{args.checkpoint}: is a classifier, it has no decoder; reconstruction needs an MAE "
@@ -326,54 +418,14 @@ def _add_eval(sub) -> None:
     p.set_defaults(run=_run_eval)
 
 
-def evaluate(model, folder, *, batch_size: int, progress: bool = False) -> dict:
-    """Accuracy of ``model`` on an ``ImageFolder``: dict(top1, top5 [%], k, loss, count, skipped)."""
-    import jax
-    from flax import nnx
-    from tqdm import tqdm
-
-    from mae_jax import data
-    from mae_jax.classifier import classification_counts
-
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def counts(state, images, labels, valid):
-        return classification_counts(nnx.merge(graphdef, state)(images), labels, valid)
-
-    totals = dict.fromkeys(("top1", "top5", "loss", "count"), 0.0)
-    batches = data.eval_batches(folder, batch_size=batch_size, img_size=model.config.img_size)
-    bar = tqdm(
-        batches,
-        total=-(-len(folder) // batch_size),
-        unit="batch",
-        disable=None if progress else True,
-    )
-    for batch in bar:
-        out = counts(state, batch["image"], batch["label"], batch["valid"])
-        for key in totals:
-            totals[key] += float(out[key])
-    count = int(totals["count"])
-    if count == 0:
-        raise data.DataError(f"{folder.root}: none of its {len(folder)} images could be read")
-    return {
-        "top1": 100.0 * totals["top1"] / count,
-        "top5": 100.0 * totals["top5"] / count,
-        "k": min(5, model.config.num_classes),
-        "loss": totals["loss"] / count,
-        "count": count,
-        "skipped": len(folder) - count,
-    }
-
-
 def _run_eval(args) -> int:
     import jax.numpy as jnp
 
     from mae_jax import data, load_pretrained
-    from mae_jax.classifier import NotAClassifierError
+    from mae_jax.classifier import NotAClassifierError, evaluate
 
     if args.batch_size < 1:
-        raise SystemExit(_fail(f"--batch-size must be positive, got {args.batch_size}"))
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if _model_type(args.checkpoint) != "vit_classifier":
         raise NotAClassifierError(
             f"{args.checkpoint}: is an MAE (pretraining) checkpoint and has no classification "
@@ -417,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_export(sub)
     _add_eval(sub)
+    _add_finetune(sub, "finetune")
+    _add_finetune(sub, "linprobe")
     return parser
 
 

@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 from mae_jax import augment, masking, optim
-from mae_jax.classifier import VisionTransformer, init_classifier_from_mae
+from mae_jax.classifier import VisionTransformer, evaluate, init_classifier_from_mae
 from mae_jax.config import get_vit_config
 from mae_jax.train import (
     AXIS,
@@ -291,7 +291,6 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
     """Run (or resume) fine-tuning or linear probing in ``workdir``; returns a summary."""
     from mae_jax import data as data_lib
     from mae_jax.checkpoint import save_model
-    from mae_jax.cli import evaluate
 
     config = config.resolved()
     workdir = Path(workdir)

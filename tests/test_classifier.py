@@ -24,6 +24,7 @@ from mae_jax.classifier import (
     _block_forward,
     classification_counts,
     drop_path,
+    evaluate,
     init_classifier_from_mae,
     interpolate_pos_embed,
 )
@@ -402,7 +403,7 @@ def test_classification_counts_against_numpy():
 def test_eval_metrics_match_a_direct_computation(tmp_path, tiny_classifier):
     model, _ = tiny_classifier
     folder = data.ImageFolder(_image_folder(tmp_path / "val", {"a": 5, "b": 6}, seed=1))
-    result = cli.evaluate(model, folder, batch_size=4)
+    result = evaluate(model, folder, batch_size=4)
     logits = np.asarray(model(jnp.asarray(ImageFolderImages(folder.root).pixels)))
     assert result["count"] == 11 and result["skipped"] == 0
     assert result["top1"] == pytest.approx(100 * np.mean(logits.argmax(1) == folder.labels))

@@ -43,7 +43,7 @@ def photo(tmp_path):
 
 
 def test_every_subcommand_has_help():
-    for sub in ("pretrain", "reconstruct", "demo", "export"):
+    for sub in ("pretrain", "reconstruct", "demo", "export", "eval", "finetune", "linprobe"):
         p = subprocess.run(
             [sys.executable, "-m", "mae_jax.cli", sub, "--help"], capture_output=True, text=True
         )
@@ -132,6 +132,18 @@ def test_reconstruct_refuses_an_encoder_only_checkpoint(photo, tmp_path, capsys)
             ["nope.json", "cannot read settings"],
         ),
         (["export", "{tmp}", "{tmp}/out"], ["not a pretraining run directory"]),
+        (
+            ["finetune", "--data", "{tmp}/empty", "--workdir", "{tmp}/ft"],
+            ["empty", "no images found"],
+        ),
+        (
+            ["linprobe", "--data", "{tmp}/missing_dir", "--workdir", "{tmp}/lp"],
+            ["missing_dir", "does not exist"],
+        ),
+        (
+            ["finetune", "--data", "{tmp}/empty", "--set", "mode=distill", "--workdir", "{tmp}/ft"],
+            ["mode must be finetune or linprobe"],
+        ),
     ],
     ids=[
         "missing-image",
@@ -144,6 +156,9 @@ def test_reconstruct_refuses_an_encoder_only_checkpoint(photo, tmp_path, capsys)
         "bad-value",
         "missing-config",
         "export-not-a-run",
+        "finetune-empty",
+        "linprobe-missing",
+        "finetune-bad-mode",
     ],
 )
 def test_user_mistakes_give_one_line_errors(args, needles, tiny_ckpt, photo, tmp_path, capsys):

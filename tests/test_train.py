@@ -191,13 +191,13 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 
 def test_sigterm_saves_before_exiting(folder, tmp_path):
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r})\n"
         "import tests.conftest\n"
         "from mae_jax import train\n"
         "from tests.test_train import _cfg\n"
-        "s = train.pretrain(_cfg(%r, max_steps=100000, ckpt_every=100000), %r, progress=False)\n"
+        f"s = train.pretrain(_cfg({str(folder)!r}, max_steps=100000, ckpt_every=100000), {str(tmp_path)!r}, progress=False)\n"
         "print('INTERRUPTED', s['interrupted'], s['end_step'])\n"
-    ) % (str(Path(__file__).parent.parent), str(folder), str(tmp_path))
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
