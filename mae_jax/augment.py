@@ -54,8 +54,9 @@ class AugmentConfigError(ValueError):
 
 def _affine(img: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
     # Pillow's affine matrix maps each output pixel to the input position it samples.
-    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=RESAMPLE,
-                         fillcolor=FILL_COLOR)
+    return img.transform(
+        img.size, Image.Transform.AFFINE, matrix, resample=RESAMPLE, fillcolor=FILL_COLOR
+    )
 
 
 def _solarize_add(img: Image.Image, add: int) -> Image.Image:
@@ -145,14 +146,38 @@ _LEVEL_TO_ARG: dict[str, Callable[[float, np.random.Generator], float]] = {
 
 # The two op sets timm's config string chooses between ("inc0" / "inc1"), in timm's order.
 RAND_OPS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
-    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
     "TranslateYRel",
 )
 RAND_INCREASING_OPS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
-    "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-    "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 )
 
 
@@ -206,17 +231,20 @@ def parse_rand_augment(config: str) -> RandAugmentConfig:
         match = _SECTION.fullmatch(section)
         if match is None:
             raise AugmentConfigError(
-                f"RandAugment config {config!r}: cannot read section {section!r}; {_SECTION_HELP}")
+                f"RandAugment config {config!r}: cannot read section {section!r}; {_SECTION_HELP}"
+            )
         key, text = match.groups()
         if key not in ("m", "n", "mstd", "inc"):
             raise AugmentConfigError(
-                f"RandAugment config {config!r}: unknown section {section!r}; {_SECTION_HELP}")
+                f"RandAugment config {config!r}: unknown section {section!r}; {_SECTION_HELP}"
+            )
         try:
             values[key] = float(text) if key == "mstd" else int(text)
         except ValueError:
             raise AugmentConfigError(
                 f"RandAugment config {config!r}: {text!r} in {section!r} is not a number of the "
-                f"right kind; {_SECTION_HELP}") from None
+                f"right kind; {_SECTION_HELP}"
+            ) from None
     cfg = RandAugmentConfig(
         magnitude=float(values.get("m", MAX_LEVEL)),
         num_layers=int(values.get("n", 2)),
@@ -227,12 +255,14 @@ def parse_rand_augment(config: str) -> RandAugmentConfig:
     )
     if not 0 <= cfg.magnitude <= MAX_LEVEL:
         raise AugmentConfigError(
-            f"RandAugment config {config!r}: magnitude m must be in [0, 10], got {cfg.magnitude:g}")
+            f"RandAugment config {config!r}: magnitude m must be in [0, 10], got {cfg.magnitude:g}"
+        )
     if values.get("inc", 0) not in (0, 1):
         raise AugmentConfigError(f"RandAugment config {config!r}: inc must be 0 or 1")
     if not math.isfinite(cfg.magnitude_std) or cfg.magnitude_std < 0:
         raise AugmentConfigError(
-            f"RandAugment config {config!r}: mstd must be a finite number >= 0")
+            f"RandAugment config {config!r}: mstd must be a finite number >= 0"
+        )
     return cfg
 
 
@@ -299,7 +329,8 @@ def random_erasing(
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
             pixels[top : top + h, left : left + w] = rng.standard_normal(
-                (h, w, channels), dtype=np.float32)
+                (h, w, channels), dtype=np.float32
+            )
             return pixels, (top, left, h, w)
     return pixels, None
 
@@ -418,17 +449,25 @@ def mixup_cutmix(
     if images.ndim != 4:
         raise ValueError(f"mixup_cutmix: images must be (N, H, W, C), got shape {images.shape}")
     if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"mixup_cutmix: labels must be ({len(images)},) integers, got "
-                         f"{labels.dtype} {labels.shape}")
+        raise ValueError(
+            f"mixup_cutmix: labels must be ({len(images)},) integers, got "
+            f"{labels.dtype} {labels.shape}"
+        )
     if len(images) % 2:
-        raise ValueError(f"mixup_cutmix: batch size {len(images)} is odd; each image is paired "
-                         "with the one at the mirrored batch position, which needs an even batch")
+        raise ValueError(
+            f"mixup_cutmix: batch size {len(images)} is odd; each image is paired "
+            "with the one at the mirrored batch position, which needs an even batch"
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"mixup_cutmix: labels must lie in [0, {num_classes}), got "
-                         f"[{labels.min()}, {labels.max()}]")
+        raise ValueError(
+            f"mixup_cutmix: labels must lie in [0, {num_classes}), got "
+            f"[{labels.min()}, {labels.max()}]"
+        )
     if mixup_alpha < 0 or cutmix_alpha < 0 or (mixup_alpha == 0 and cutmix_alpha == 0):
-        raise ValueError(f"mixup_cutmix: need mixup_alpha >= 0, cutmix_alpha >= 0 and one of them "
-                         f"> 0, got {mixup_alpha} and {cutmix_alpha}")
+        raise ValueError(
+            f"mixup_cutmix: need mixup_alpha >= 0, cutmix_alpha >= 0 and one of them "
+            f"> 0, got {mixup_alpha} and {cutmix_alpha}"
+        )
 
     lam, use_cutmix = 1.0, False
     if rng.random() < prob:

@@ -150,7 +150,9 @@ def decode_rgb(path: str | os.PathLike) -> Image.Image:
             img.load()
             return to_rgb(img)
     except Exception as err:  # any failure inside Pillow means the file is unusable
-        raise DataError(f"{os.fspath(path)}: cannot decode image ({type(err).__name__}: {err})") from err
+        raise DataError(
+            f"{os.fspath(path)}: cannot decode image ({type(err).__name__}: {err})"
+        ) from err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,8 +197,7 @@ def random_resized_crop_box(
 # normalize() as a table: row c, column v holds (v / 255 - mean[c]) / std[c], computed in float32
 # in torchvision's order (ToTensor, then Normalize), so a lookup gives its exact values, 2x faster.
 _NORMALIZED_VALUES = np.ascontiguousarray(
-    ((np.arange(256, dtype=np.float32)[:, None] / np.float32(255) - IMAGENET_MEAN)
-     / IMAGENET_STD).T
+    ((np.arange(256, dtype=np.float32)[:, None] / np.float32(255) - IMAGENET_MEAN) / IMAGENET_STD).T
 )
 
 
@@ -309,8 +310,16 @@ class _PretrainExample:
     shard instead, so every epoch has the same number of batches on every host.
     """
 
-    def __init__(self, folder: ImageFolder, img_size: int, seed: int, shard_index: int,
-                 shard_count: int, per_epoch: int, transform: Transform):
+    def __init__(
+        self,
+        folder: ImageFolder,
+        img_size: int,
+        seed: int,
+        shard_index: int,
+        shard_count: int,
+        per_epoch: int,
+        transform: Transform,
+    ):
         self.transform = transform
         self.root = folder.root
         self.paths = folder.paths
@@ -378,10 +387,22 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
     Call ``close()`` (or use ``with``) when done, to stop the reading threads or worker processes.
     """
 
-    def __init__(self, folder: ImageFolder, *, batch_size: int, img_size: int, seed: int,
-                 shard_index: int, shard_count: int, start_epoch: int, end_epoch: int | None,
-                 read_threads: int, prefetch: int, worker_count: int,
-                 transform: Transform = None):
+    def __init__(
+        self,
+        folder: ImageFolder,
+        *,
+        batch_size: int,
+        img_size: int,
+        seed: int,
+        shard_index: int,
+        shard_count: int,
+        start_epoch: int,
+        end_epoch: int | None,
+        read_threads: int,
+        prefetch: int,
+        worker_count: int,
+        transform: Transform = None,
+    ):
         if batch_size < 1 or img_size < 1:
             raise ValueError(f"batch_size {batch_size} and img_size {img_size} must be positive")
         if not 0 <= shard_index < shard_count:
@@ -401,12 +422,19 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
         self.shard_index = shard_index
         self.shard_count = shard_count
         self.end_epoch = end_epoch
-        self.read_options = grain.ReadOptions(num_threads=read_threads,
-                                              prefetch_buffer_size=prefetch)
+        self.read_options = grain.ReadOptions(
+            num_threads=read_threads, prefetch_buffer_size=prefetch
+        )
         self.worker_count = worker_count
-        self._example = _PretrainExample(folder, img_size, seed, shard_index, shard_count,
-                                         self.steps_per_epoch * batch_size,
-                                         transform or pretrain_pixels)
+        self._example = _PretrainExample(
+            folder,
+            img_size,
+            seed,
+            shard_index,
+            shard_count,
+            self.steps_per_epoch * batch_size,
+            transform or pretrain_pixels,
+        )
         self._iterator: Iterator[dict[str, np.ndarray]] | None = None
         self.num_skipped = 0
         self._seek(start_epoch * self.steps_per_epoch)
@@ -458,8 +486,9 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
 
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable position: the next batch, the skip count and what they depend on."""
-        return dict(epoch=self.epoch, step=self.step, num_skipped=self.num_skipped,
-                    **self._fingerprint())
+        return dict(
+            epoch=self.epoch, step=self.step, num_skipped=self.num_skipped, **self._fingerprint()
+        )
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continue from a ``get_state()`` result of an identically configured loader."""
@@ -473,9 +502,14 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
         self._seek(int(state["epoch"]) * self.steps_per_epoch + int(state["step"]))
 
     def _fingerprint(self) -> dict[str, int]:
-        return dict(num_images=len(self.folder), batch_size=self.batch_size,
-                    img_size=self.img_size, seed=self.seed, shard_index=self.shard_index,
-                    shard_count=self.shard_count)
+        return dict(
+            num_images=len(self.folder),
+            batch_size=self.batch_size,
+            img_size=self.img_size,
+            seed=self.seed,
+            shard_index=self.shard_index,
+            shard_count=self.shard_count,
+        )
 
     def close(self) -> None:
         """Stop the background threads or worker processes of the current pipeline."""
@@ -527,11 +561,20 @@ def pretrain_batches(
     replaces the pretraining augmentation (fine-tuning and linear probing pass theirs; it must be
     picklable for worker processes: a module-level function or a functools.partial of one).
     """
-    return PretrainBatches(folder, batch_size=batch_size, img_size=img_size, seed=seed,
-                           shard_index=shard_index, shard_count=shard_count,
-                           start_epoch=start_epoch, end_epoch=end_epoch,
-                           read_threads=read_threads, prefetch=prefetch,
-                           worker_count=worker_count, transform=transform)
+    return PretrainBatches(
+        folder,
+        batch_size=batch_size,
+        img_size=img_size,
+        seed=seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        start_epoch=start_epoch,
+        end_epoch=end_epoch,
+        read_threads=read_threads,
+        prefetch=prefetch,
+        worker_count=worker_count,
+        transform=transform,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,8 +601,9 @@ class _EvalExample:
         except DataError as err:
             _LOG.warning("skipping unreadable image: %s", err)
             return dict(image=empty, label=self.labels[index], valid=np.bool_(False))
-        return dict(image=eval_transform(img, self.img_size), label=self.labels[index],
-                    valid=np.bool_(True))
+        return dict(
+            image=eval_transform(img, self.img_size), label=self.labels[index], valid=np.bool_(True)
+        )
 
 
 def eval_batches(
@@ -591,4 +635,3 @@ def eval_batches(
         .batch(batch_size)
     )
     return iter(dataset)
-

@@ -36,28 +36,44 @@ def test_fill_color_is_the_imagenet_mean_in_0_255():
 def test_parse_official_config_string():
     cfg = augment.parse_rand_augment("rand-m9-mstd0.5-inc1")
     assert (cfg.magnitude, cfg.num_layers, cfg.magnitude_std, cfg.increasing, cfg.prob) == (
-        9.0, 2, 0.5, True, 0.5)
+        9.0,
+        2,
+        0.5,
+        True,
+        0.5,
+    )
     assert cfg.ops == augment.RAND_INCREASING_OPS and len(cfg.ops) == 15
     bare = augment.parse_rand_augment("rand")
     assert (bare.magnitude, bare.num_layers, bare.magnitude_std, bare.increasing) == (
-        10.0, 2, 0.0, False)
+        10.0,
+        2,
+        0.0,
+        False,
+    )
     assert bare.ops == augment.RAND_OPS
     other = augment.parse_rand_augment("rand-n3-m5-inc0-mstd1.25")
     assert (other.magnitude, other.num_layers, other.magnitude_std, other.increasing) == (
-        5.0, 3, 1.25, False)
+        5.0,
+        3,
+        1.25,
+        False,
+    )
 
 
-@pytest.mark.parametrize("config, complaint", [
-    ("rund-m9", "must start with 'rand'"),
-    ("rand-x9", "unknown section 'x9'"),
-    ("rand-w0", "unknown section 'w0'"),
-    ("rand-m9x", "'9x' in 'm9x' is not a number"),
-    ("rand-n2.5", "'2.5' in 'n2.5' is not a number"),
-    ("rand--m9", "cannot read section ''"),
-    ("rand-mstd", "cannot read section 'mstd'"),
-    ("rand-m11", "magnitude m must be in [0, 10], got 11"),
-    ("rand-inc2", "inc must be 0 or 1"),
-])
+@pytest.mark.parametrize(
+    "config, complaint",
+    [
+        ("rund-m9", "must start with 'rand'"),
+        ("rand-x9", "unknown section 'x9'"),
+        ("rand-w0", "unknown section 'w0'"),
+        ("rand-m9x", "'9x' in 'm9x' is not a number"),
+        ("rand-n2.5", "'2.5' in 'n2.5' is not a number"),
+        ("rand--m9", "cannot read section ''"),
+        ("rand-mstd", "cannot read section 'mstd'"),
+        ("rand-m11", "magnitude m must be in [0, 10], got 11"),
+        ("rand-inc2", "inc must be 0 or 1"),
+    ],
+)
 def test_bad_config_string_gives_one_line_error(config, complaint):
     with pytest.raises(augment.AugmentConfigError) as err:
         augment.parse_rand_augment(config)
@@ -79,9 +95,18 @@ def test_every_op_gives_rgb_of_same_size(name):
         assert out.mode == "RGB" and out.size == (17, 11)
 
 
-@pytest.mark.parametrize("name", GEOMETRIC_OPS + (
-    "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
-    "BrightnessIncreasing", "SharpnessIncreasing"))
+@pytest.mark.parametrize(
+    "name",
+    GEOMETRIC_OPS
+    + (
+        "SolarizeIncreasing",
+        "SolarizeAdd",
+        "ColorIncreasing",
+        "ContrastIncreasing",
+        "BrightnessIncreasing",
+        "SharpnessIncreasing",
+    ),
+)
 def test_level_zero_is_identity(name):
     pixels, img = _random_image()
     for seed in range(4):  # both signs of the signed ops
@@ -100,10 +125,17 @@ def test_level_to_argument_ranges():
     assert {round(a, 12) for a in args("ColorIncreasing", 9.0)} == {1.81, 0.19}
     assert args("Contrast", 9.0) == {9.0 / 10.0 * 1.8 + 0.1}
     assert [augment.op_argument("PosterizeIncreasing", lv, None) for lv in (0, 2.5, 9, 10)] == [
-        4, 3, 1, 0]
+        4,
+        3,
+        1,
+        0,
+    ]
     assert [augment.op_argument("Posterize", lv, None) for lv in (0, 5, 10)] == [0, 2, 4]
     assert [augment.op_argument("SolarizeIncreasing", lv, None) for lv in (0, 9, 10)] == [
-        256, 26, 0]
+        256,
+        26,
+        0,
+    ]
     assert [augment.op_argument("Solarize", lv, None) for lv in (0, 9)] == [0, 230]
     assert [augment.op_argument("SolarizeAdd", lv, None) for lv in (0, 9, 10)] == [0, 99, 110]
     assert augment.op_argument("Invert", 7.0, None) is None
@@ -197,8 +229,9 @@ def test_shear_and_translate_move_pixels_where_expected():
     # Output column x samples input x + 0.4 * (y + 0.5): the line moves left by 1 at row 2 ...
     for row, shift in ((2, 1), (7, 3), (12, 5)):
         assert np.flatnonzero(sheared[row, :, 0] == 200).tolist() == [7 - shift]
-    sheared_y = np.asarray(augment.apply_op(Image.fromarray(lines.transpose(1, 0, 2)), "ShearY",
-                                            0.4))
+    sheared_y = np.asarray(
+        augment.apply_op(Image.fromarray(lines.transpose(1, 0, 2)), "ShearY", 0.4)
+    )
     for col, shift in ((2, 1), (7, 3)):
         assert np.flatnonzero(sheared_y[:, col, 0] == 200).tolist() == [7 - shift]
 
@@ -220,8 +253,9 @@ def test_rand_augment_policy_statistics(monkeypatch):
     """Ops drawn uniformly, applied with p=0.5, magnitudes ~ N(9, 0.5) clipped to [0, 10]."""
     calls: list[tuple[str, float]] = []
     for name in ALL_OPS:
-        monkeypatch.setitem(augment._APPLY, name,
-                            lambda img, arg, name=name: (calls.append((name, arg)), img)[1])
+        monkeypatch.setitem(
+            augment._APPLY, name, lambda img, arg, name=name: (calls.append((name, arg)), img)[1]
+        )
     _, img = _random_image(4, 4)
     rng = np.random.default_rng(0)
     runs = 6000
@@ -234,8 +268,10 @@ def test_rand_augment_policy_statistics(monkeypatch):
     counts = np.array([names.count(n) for n in augment.RAND_INCREASING_OPS])
     per_op = len(calls) / 15
     assert np.abs(counts - per_op).max() < 5 * math.sqrt(per_op)
-    levels = np.array([abs(a) / 30 * 10 for n, a in calls if n == "Rotate"]
-                      + [abs(a) / 0.3 * 10 for n, a in calls if n in ("ShearX", "ShearY")])
+    levels = np.array(
+        [abs(a) / 30 * 10 for n, a in calls if n == "Rotate"]
+        + [abs(a) / 0.3 * 10 for n, a in calls if n in ("ShearX", "ShearY")]
+    )
     clipped = np.minimum(np.random.default_rng(1).normal(9, 0.5, 200_000), 10)
     assert levels.max() <= 10 + 1e-9 and (levels == 10).mean() > 0.005
     assert abs(levels.mean() - clipped.mean()) < 0.05 and abs(levels.std() - clipped.std()) < 0.05
@@ -250,10 +286,12 @@ def test_rand_augment_is_deterministic_and_n0_is_identity():
     np.testing.assert_array_equal(a, b)
     changed = sum(
         not np.array_equal(np.asarray(augment.rand_augment(img, np.random.default_rng(s))), pixels)
-        for s in range(40))
+        for s in range(40)
+    )
     assert changed > 20  # about 3/4 of the images get at least one op
     np.testing.assert_array_equal(
-        np.asarray(augment.rand_augment(img, np.random.default_rng(0), "rand-n0")), pixels)
+        np.asarray(augment.rand_augment(img, np.random.default_rng(0), "rand-n0")), pixels
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,8 +311,9 @@ def test_finetune_transform_shape_dtype_and_determinism():
 
 def test_finetune_transform_without_aa_or_erasing_is_crop_flip_normalise():
     solid = Image.new("RGB", (30, 20), (200, 40, 90))
-    out = augment.finetune_transform(solid, np.random.default_rng(0), 16, auto_augment=None,
-                                     re_prob=0.0)
+    out = augment.finetune_transform(
+        solid, np.random.default_rng(0), 16, auto_augment=None, re_prob=0.0
+    )
     expected = (np.array([200, 40, 90]) / 255 - data.IMAGENET_MEAN) / data.IMAGENET_STD
     assert np.abs(out - expected).max() < 1e-6
 
@@ -290,18 +329,22 @@ def _erased_box(changed: np.ndarray) -> tuple[int, int, int, int]:
 def test_finetune_transform_erases_one_box_with_p1_and_nothing_with_p0():
     solid = Image.new("RGB", (40, 40), (90, 120, 30))
     size = 40
-    plain = augment.finetune_transform(solid, np.random.default_rng(0), size, auto_augment=None,
-                                       re_prob=0.0)
+    plain = augment.finetune_transform(
+        solid, np.random.default_rng(0), size, auto_augment=None, re_prob=0.0
+    )
     for seed in range(30):
-        kept = augment.finetune_transform(solid, np.random.default_rng(seed), size,
-                                          auto_augment=None, re_prob=0.0)
+        kept = augment.finetune_transform(
+            solid, np.random.default_rng(seed), size, auto_augment=None, re_prob=0.0
+        )
         np.testing.assert_array_equal(kept, plain)
-        erased = augment.finetune_transform(solid, np.random.default_rng(seed), size,
-                                            auto_augment=None, re_prob=1.0)
+        erased = augment.finetune_transform(
+            solid, np.random.default_rng(seed), size, auto_augment=None, re_prob=1.0
+        )
         top, left, h, w = _erased_box((erased != plain).any(-1))
         # h and w are rounded from sqrt(area * aspect), sqrt(area / aspect).
-        area_hi = (math.sqrt(size * size / 3 * 1 / 0.3) + 0.5) * (math.sqrt(size * size / 3 * 0.3)
-                                                                  + 0.5)
+        area_hi = (math.sqrt(size * size / 3 * 1 / 0.3) + 0.5) * (
+            math.sqrt(size * size / 3 * 0.3) + 0.5
+        )
         assert 0.02 * size * size * 0.6 <= h * w <= area_hi
         assert h < size and w < size
 
@@ -352,8 +395,9 @@ def test_linprobe_transform_is_crop_resize_and_maybe_flip():
         out = augment.linprobe_transform(img, np.random.default_rng(seed), 16)
         assert out.shape == (16, 16, 3) and out.dtype == np.float32
         top, left, h, w = augment.single_draw_crop_box(np.random.default_rng(seed), 40, 30)
-        crop = np.asarray(img.crop((left, top, left + w, top + h)).resize(
-            (16, 16), Image.Resampling.BICUBIC))
+        crop = np.asarray(
+            img.crop((left, top, left + w, top + h)).resize((16, 16), Image.Resampling.BICUBIC)
+        )
         if np.array_equal(out, data.normalize(crop)):
             continue
         np.testing.assert_array_equal(out, data.normalize(crop[:, ::-1]))
@@ -375,16 +419,18 @@ def test_smooth_one_hot_values_are_exact():
     out = augment.smooth_one_hot(np.array([2, 0]), 10, 0.1)
     assert out.dtype == np.float32
     assert out[0, 2] == np.float32(1 - 0.1 + 0.01) and out[0, 0] == np.float32(0.01)
-    np.testing.assert_array_equal(out, _smooth_one_hot_reference(np.array([2, 0]), 10, 0.1)
-                                  .astype(np.float32))
+    np.testing.assert_array_equal(
+        out, _smooth_one_hot_reference(np.array([2, 0]), 10, 0.1).astype(np.float32)
+    )
     assert (augment.smooth_one_hot(np.array([1]), 3, 0.0) == [[0, 1, 0]]).all()
 
 
 def test_mixup_blends_with_the_reversed_batch():
     images, labels = _batch()
     before = images.copy()
-    out, targets = augment.mixup_cutmix(images, labels, np.random.default_rng(7), num_classes=5,
-                                        cutmix_alpha=0.0)
+    out, targets = augment.mixup_cutmix(
+        images, labels, np.random.default_rng(7), num_classes=5, cutmix_alpha=0.0
+    )
     g = np.random.default_rng(7)
     assert g.random() < 1.0
     lam = g.beta(0.8, 0.8)
@@ -398,8 +444,14 @@ def test_mixup_blends_with_the_reversed_batch():
 def test_cutmix_box_area_matches_corrected_lambda():
     images, labels = _batch(4, 16, 12, seed=1)
     for seed in range(20):
-        out, targets = augment.mixup_cutmix(images, labels, np.random.default_rng(seed),
-                                            num_classes=5, mixup_alpha=0.0, label_smoothing=0.0)
+        out, targets = augment.mixup_cutmix(
+            images,
+            labels,
+            np.random.default_rng(seed),
+            num_classes=5,
+            mixup_alpha=0.0,
+            label_smoothing=0.0,
+        )
         g = np.random.default_rng(seed)
         g.random()
         raw_lam = g.beta(1.0, 1.0)
@@ -408,8 +460,9 @@ def test_cutmix_box_area_matches_corrected_lambda():
         area = changed[0].sum()
         if area:
             top, left, h, w = _erased_box(changed[0])
-            np.testing.assert_array_equal(out[:, top : top + h, left : left + w],
-                                          images[::-1, top : top + h, left : left + w])
+            np.testing.assert_array_equal(
+                out[:, top : top + h, left : left + w], images[::-1, top : top + h, left : left + w]
+            )
             # The box side is twice half of int(side * sqrt(1 - lam)) before clipping.
             assert h <= 2 * (int(16 * math.sqrt(1 - raw_lam)) // 2)
             assert w <= 2 * (int(12 * math.sqrt(1 - raw_lam)) // 2)
@@ -427,8 +480,9 @@ def test_switch_probability_and_prob_zero():
         changed = (out != images).any(-1)
         cutmix += not changed.all()  # mixup changes every pixel, CutMix only a box
     assert 70 < cutmix < 130
-    out, targets = augment.mixup_cutmix(images, labels, np.random.default_rng(0), num_classes=5,
-                                        prob=0.0)
+    out, targets = augment.mixup_cutmix(
+        images, labels, np.random.default_rng(0), num_classes=5, prob=0.0
+    )
     np.testing.assert_array_equal(out, images)
     np.testing.assert_allclose(targets, _smooth_one_hot_reference(labels, 5, 0.1), atol=1e-7)
 
@@ -440,8 +494,14 @@ def test_mixup_rejects_bad_batches():
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         augment.mixup_cutmix(images, labels, np.random.default_rng(0), num_classes=3)
     with pytest.raises(ValueError, match="one of them > 0"):
-        augment.mixup_cutmix(images, labels, np.random.default_rng(0), num_classes=5,
-                             mixup_alpha=0.0, cutmix_alpha=0.0)
+        augment.mixup_cutmix(
+            images,
+            labels,
+            np.random.default_rng(0),
+            num_classes=5,
+            mixup_alpha=0.0,
+            cutmix_alpha=0.0,
+        )
     with pytest.raises(ValueError, match=r"images must be \(N, H, W, C\)"):
         augment.mixup_cutmix(images[0], labels, np.random.default_rng(0), num_classes=5)
 
@@ -469,8 +529,11 @@ def test_losses_match_torch():
     for s in (0.0, 0.1, 0.3):
         log_probs = F.log_softmax(t_logits, -1)
         # timm's LabelSmoothingCrossEntropy, written out: confidence * nll + s * mean(-log p).
-        timm_style = ((1 - s) * -log_probs.gather(-1, t_labels[:, None])[:, 0]
-                      + s * -log_probs.mean(-1)).mean().item()
+        timm_style = (
+            ((1 - s) * -log_probs.gather(-1, t_labels[:, None])[:, 0] + s * -log_probs.mean(-1))
+            .mean()
+            .item()
+        )
         torch_ls = F.cross_entropy(t_logits, t_labels, label_smoothing=s).item()
         assert abs(timm_style - torch_ls) < 1e-6
         ours = float(augment.smoothed_cross_entropy(logits, labels, s))

@@ -80,7 +80,9 @@ def test_empty_or_missing_folder_is_refused(tmp_path):
     (tmp_path / "readme.txt").write_text("no images here")
     with pytest.raises(data.DataError) as err:
         data.ImageFolder(tmp_path)
-    assert str(err.value) == f"{tmp_path}: no images found (looked for .jpg, .jpeg, .png, .webp, .bmp)"
+    assert (
+        str(err.value) == f"{tmp_path}: no images found (looked for .jpg, .jpeg, .png, .webp, .bmp)"
+    )
     with pytest.raises(data.DataError, match="does not exist"):
         data.ImageFolder(tmp_path / "nope")
 
@@ -134,8 +136,9 @@ def test_modes_are_converted_to_rgb(tmp_path):
 
 def _corrupt_files(root) -> list[str]:
     rng = np.random.default_rng(0)
-    noise = _save(Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)),
-                  root / "full.png")
+    noise = _save(
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)), root / "full.png"
+    )
     with open(noise, "rb") as f:
         png = f.read()
     truncated = root / "truncated.png"
@@ -159,8 +162,9 @@ def test_loader_skips_and_counts_corrupt_files(tmp_path):
     bad = _corrupt_files(tmp_path / "bad")
     folder = data.ImageFolder(tmp_path)
     assert folder.classes == ("bad", "good") and len(folder) == 6
-    with data.pretrain_batches(folder, batch_size=3, img_size=8, seed=5, end_epoch=2,
-                               read_threads=2) as loader:
+    with data.pretrain_batches(
+        folder, batch_size=3, img_size=8, seed=5, end_epoch=2, read_threads=2
+    ) as loader:
         batches = list(loader)
         skipped = loader.num_skipped
     assert len(batches) == 4
@@ -340,8 +344,10 @@ def test_batches_shapes_and_labels(tmp_path):
     assert batch["image"].shape == (2, 8, 8, 3) and batch["image"].dtype == np.float32
     assert batch["label"].dtype == np.int32
     ids = _image_ids(batch["image"])
-    assert batch["label"].tolist() == [folder.labels[folder.paths.index(
-        str(tmp_path / f"c{i % 3}" / f"img{i:03d}.png"))] for i in ids]
+    assert batch["label"].tolist() == [
+        folder.labels[folder.paths.index(str(tmp_path / f"c{i % 3}" / f"img{i:03d}.png"))]
+        for i in ids
+    ]
 
 
 def test_shards_are_disjoint_and_cover_the_epoch(tmp_path):
@@ -437,8 +443,11 @@ def test_eval_batches_cover_every_image_once_with_padding(tmp_path):
     folder = data.ImageFolder(tmp_path)  # 6 files, one unreadable
     seen, valid_per_host = [], []
     for shard in range(2):
-        batches = list(data.eval_batches(folder, batch_size=2, img_size=8, shard_index=shard,
-                                         shard_count=2, read_threads=2))
+        batches = list(
+            data.eval_batches(
+                folder, batch_size=2, img_size=8, shard_index=shard, shard_count=2, read_threads=2
+            )
+        )
         assert len(batches) == math.ceil(3 / 2)  # both hosts: 3 images -> 2 batches
         valid = np.concatenate([b["valid"] for b in batches])
         images = np.concatenate([b["image"] for b in batches])[valid]
