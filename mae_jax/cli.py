@@ -255,34 +255,19 @@ def reconstruct_figure(
     model, image_paths, *, mask_ratio: float, seed: int, center_crop: bool, note_extra: str = ""
 ):
     """The reconstruction figure (a PIL image) of the given image files."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from mae_jax import data, visualize
-    from mae_jax.masking import num_kept
 
     size = model.config.img_size
     imgs = np.stack([data.load_image(p, size, center_crop=center_crop) for p in image_paths])
-    num_kept(model.config.num_patches, mask_ratio)  # validates the ratio with a clear message
-    out = model.forward_full(jnp.asarray(imgs), key=jax.random.key(seed), mask_ratio=mask_ratio)
-    panels = visualize.compute_panels(
+    return visualize.reconstruction_figure(
+        model,
         imgs,
-        np.asarray(out.pred),
-        np.asarray(out.mask),
-        patch_size=model.config.patch_size,
-        norm_pix_loss=model.config.norm_pix_loss,
-    )
-    notes = []
-    if model.config.norm_pix_loss:
-        notes.append(
-            "norm-pix model: each predicted patch is un-normalized with the true patch's mean and std"
-        )
-    if note_extra:
-        notes.append(note_extra)
-    titles = ("original", f"masked {mask_ratio:.0%}", "reconstruction", "reconstruction + visible")
-    return visualize.draw_figure(
-        panels, titles=titles, note="; ".join(notes) or None, scale=max(1, 224 // size)
+        seed=seed,
+        mask_ratio=mask_ratio,
+        note=note_extra or None,
+        scale=max(1, 224 // size),
     )
 
 

@@ -43,6 +43,7 @@ from mae_jax.train import (
     _MetricsLog,
     _progress,
     apply_overrides,
+    plan_steps,
     replicate,
     shard_batch,
     unreplicate,
@@ -329,27 +330,10 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
         worker_count=config.worker_count,
         transform=_transform(config),
     )
-    iters = loader.steps_per_epoch
-    used_per_epoch = (iters // config.accum_iter) * config.accum_iter
-    if used_per_epoch == 0:
-        raise TrainingError(
-            f"accum_iter {config.accum_iter} exceeds the {iters} batches of an epoch"
-        )
-    total_steps = config.epochs * used_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+    plan = plan_steps(config, loader.steps_per_epoch, host_batch * jax.process_count())
+    schedule, used_per_epoch, total_steps = plan.schedule, plan.used_per_epoch, plan.total_steps
 
     # ---- model and optimizer
-    eff_batch = host_batch * jax.process_count() * config.accum_iter
-    peak_lr = config.lr if config.lr is not None else optim.scaled_lr(config.blr, eff_batch)
-    schedule = optim.epoch_schedule(
-        peak_lr,
-        min_lr=config.min_lr,
-        epochs=config.epochs,
-        warmup_epochs=config.warmup_epochs,
-        iters_per_epoch=iters,
-        accum_iter=config.accum_iter,
-    )
     graphdef, params, stats, frozen = nnx.split(
         model, trainable_filter(config.mode), nnx.BatchStat, ...
     )

@@ -376,18 +376,9 @@ def _recon_batch(folder, config: MAEConfig, count: int) -> np.ndarray | None:
 def _write_reconstructions(model, imgs, workdir: Path, step: int, seed: int, mask_ratio: float):
     from mae_jax import visualize
 
-    out = model.forward_full(jnp.asarray(imgs), key=jax.random.key(seed), mask_ratio=mask_ratio)
-    panels = visualize.compute_panels(
-        imgs,
-        np.asarray(out.pred),
-        np.asarray(out.mask),
-        patch_size=model.config.patch_size,
-        norm_pix_loss=model.config.norm_pix_loss,
+    figure = visualize.reconstruction_figure(
+        model, imgs, seed=seed, mask_ratio=mask_ratio, note=f"step {step}"
     )
-    note = f"step {step}"
-    if model.config.norm_pix_loss:
-        note += "; norm-pix model: patches un-normalized with the true patch statistics"
-    figure = visualize.draw_figure(panels, note=note, scale=max(1, 128 // imgs.shape[1]))
     visualize.save_png(figure, workdir / "reconstructions" / f"step_{step:08d}.png")
 
 
@@ -422,30 +413,10 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         read_threads=config.read_threads,
         worker_count=config.worker_count,
     )
-    iters_per_epoch = loader.steps_per_epoch
-    if config.accum_iter > iters_per_epoch:
-        raise TrainingError(
-            f"accum_iter {config.accum_iter} exceeds the {iters_per_epoch} batches of an epoch"
-        )
-    # Whole groups of accum_iter micro-batches per epoch: the left-over batches of an epoch are
-    # skipped, so that the schedule's optimizer steps line up with the epochs.
-    used_per_epoch = (iters_per_epoch // config.accum_iter) * config.accum_iter
-    total_steps = config.epochs * used_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-
     # ---- model and optimizer
     global_batch = host_batch * jax.process_count()
-    eff_batch = global_batch * config.accum_iter
-    peak_lr = config.lr if config.lr is not None else optim.scaled_lr(config.blr, eff_batch)
-    schedule = optim.epoch_schedule(
-        peak_lr,
-        min_lr=config.min_lr,
-        epochs=config.epochs,
-        warmup_epochs=config.warmup_epochs,
-        iters_per_epoch=iters_per_epoch,
-        accum_iter=config.accum_iter,
-    )
+    plan = plan_steps(config, loader.steps_per_epoch, global_batch)
+    schedule, used_per_epoch, total_steps = plan.schedule, plan.used_per_epoch, plan.total_steps
     tx = optim.make_pretrain_optimizer(
         schedule, weight_decay=config.weight_decay, accum_steps=config.accum_iter
     )
@@ -486,6 +457,12 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     norms: list[float] = []
     t_window = time.perf_counter()
     summary = {"start_step": step, "interrupted": None}
+
+    def write_figure():
+        model = nnx.merge(graphdef, unreplicate(state.params), unreplicate(state.fixed))
+        _write_reconstructions(
+            model, recon_imgs, workdir, state.step, config.seed, config.mask_ratio
+        )
 
     def save():
         meta = {
@@ -553,14 +530,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
                     )
                     window, norms, t_window = [], [], now
                 if recon_imgs is not None and state.step % config.recon_every == 0:
-                    _write_reconstructions(
-                        nnx.merge(graphdef, unreplicate(state.params), unreplicate(state.fixed)),
-                        recon_imgs,
-                        workdir,
-                        state.step,
-                        config.seed,
-                        config.mask_ratio,
-                    )
+                    write_figure()
                 if state.step % config.ckpt_every == 0 or state.step == total_steps:
                     save()
                 if interrupt.signal is not None:
@@ -576,15 +546,43 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         loader.close()
     summary.update(end_step=state.step, total_steps=total_steps, skipped_images=loader.num_skipped)
     if recon_imgs is not None and summary["interrupted"] is None:
-        _write_reconstructions(
-            nnx.merge(graphdef, unreplicate(state.params), unreplicate(state.fixed)),
-            recon_imgs,
-            workdir,
-            state.step,
-            config.seed,
-            config.mask_ratio,
-        )
+        write_figure()
     return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    schedule: optax.Schedule  # lr of each optimizer step
+    used_per_epoch: int  # micro-batches trained per epoch: whole groups of accum_iter
+    total_steps: int  # micro-steps of the run
+
+
+def plan_steps(config: Any, iters_per_epoch: int, global_batch: int) -> StepPlan:
+    """The lr schedule and step counts of a run (pretraining or fine-tuning config).
+
+    lr = blr * global batch * accum_iter / 256 unless ``config.lr`` is set. The left-over
+    micro-batches of an epoch (fewer than accum_iter) are skipped, so that the schedule's
+    optimizer steps line up with the epochs.
+    """
+    if config.accum_iter > iters_per_epoch:
+        raise TrainingError(
+            f"accum_iter {config.accum_iter} exceeds the {iters_per_epoch} batches of an epoch"
+        )
+    used_per_epoch = (iters_per_epoch // config.accum_iter) * config.accum_iter
+    total_steps = config.epochs * used_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    eff_batch = global_batch * config.accum_iter
+    peak_lr = config.lr if config.lr is not None else optim.scaled_lr(config.blr, eff_batch)
+    schedule = optim.epoch_schedule(
+        peak_lr,
+        min_lr=config.min_lr,
+        epochs=config.epochs,
+        warmup_epochs=config.warmup_epochs,
+        iters_per_epoch=iters_per_epoch,
+        accum_iter=config.accum_iter,
+    )
+    return StepPlan(schedule, used_per_epoch, total_steps)
 
 
 class _MetricsLog:

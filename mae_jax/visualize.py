@@ -199,6 +199,44 @@ def draw_figure(
     return figure
 
 
+def reconstruction_figure(
+    model,
+    imgs_norm_NxHxWx3: np.ndarray,
+    *,
+    seed: int,
+    mask_ratio: float,
+    note: str | None = None,
+    scale: int | None = None,
+) -> Image.Image:
+    """Mask, reconstruct and draw: the four-panel figure of an MAE on normalized images.
+
+    Masks come from ``jax.random.key(seed)``; a norm-pix model's patches are un-normalized with
+    the true patch statistics, and the figure's note says so.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from mae_jax.masking import num_kept
+
+    num_kept(model.config.num_patches, mask_ratio)  # validates the ratio with a clear message
+    imgs = np.asarray(imgs_norm_NxHxWx3, np.float32)
+    out = model.forward_full(jnp.asarray(imgs), key=jax.random.key(seed), mask_ratio=mask_ratio)
+    panels = compute_panels(
+        imgs,
+        np.asarray(out.pred),
+        np.asarray(out.mask),
+        patch_size=model.config.patch_size,
+        norm_pix_loss=model.config.norm_pix_loss,
+    )
+    notes = [note] if note else []
+    if model.config.norm_pix_loss:
+        notes.append(
+            "norm-pix model: each predicted patch is un-normalized with the true patch's mean and std"
+        )
+    titles = ("original", f"masked {mask_ratio:.0%}", "reconstruction", "reconstruction + visible")
+    return draw_figure(panels, titles=titles, note="; ".join(notes) or None, scale=scale)
+
+
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
     """Write ``image`` as a PNG at ``path`` atomically (temporary file, then rename); makes parent dirs."""
     path = os.fspath(path)
