@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         base = rep["between_steps_trimmed"]
         note = (
             f"between steps {base:.0f} (+{rep['peak_step'] - base:.0f} in the step); "
-            f"whole run {rep['peak_including_setup']:.0f}"
+            f"peak with setup and compile {rep['peak_including_setup']:.0f}"
         )
         if not rep["reset_ok"]:
             note += " (VmHWM reset refused: peak includes setup)"
