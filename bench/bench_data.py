@@ -47,8 +47,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_jpegs(tmp, args.images)
         folder = data.ImageFolder(tmp)
-        with data.pretrain_batches(folder, batch_size=args.batch_size, img_size=224, seed=0,
-                                   worker_count=args.workers) as loader:
+        with data.pretrain_batches(
+            folder, batch_size=args.batch_size, img_size=224, seed=0, worker_count=args.workers
+        ) as loader:
             for _ in range(2):  # threads start and fill their buffer
                 next(loader)
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -60,8 +61,10 @@ def main() -> None:
         logging.getLogger(data.__name__).setLevel(logging.ERROR)
         assert batch["image"].shape == (args.batch_size, 224, 224, 3)
     count = args.batches * args.batch_size
-    print(f"pretrain pipeline: {count / elapsed:.0f} images/s ({len(folder)} JPEGs 500x375 -> "
-          f"224x224, batch {args.batch_size}, workers {args.workers}, {os.cpu_count()} CPUs)")
+    print(
+        f"pretrain pipeline: {count / elapsed:.0f} images/s ({len(folder)} JPEGs 500x375 -> "
+        f"224x224, batch {args.batch_size}, workers {args.workers}, {os.cpu_count()} CPUs)"
+    )
     # CPU time per image varies less than wall time on a shared machine; with workers it only
     # counts the main process.
     print(f"main-process CPU time: {1e3 * cpu / count:.2f} ms per image")
