@@ -441,6 +441,8 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         replicate(opt_state, n_dev),
         step,
     )
+    # The replicas are the state from here on: free the host copies (1.3 GB for ViT-B).
+    del model, params, fixed, opt_state
     p_train_step = make_p_train_step(graphdef, tx, config.mask_ratio, model_config.num_patches)
     base_key = jax.random.key(config.seed)
 
