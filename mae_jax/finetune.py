@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import signal
 import time
@@ -43,6 +42,7 @@ from mae_jax.train import (
     _MetricsLog,
     _progress,
     apply_overrides,
+    check_finite,
     plan_steps,
     replicate,
     shard_batch,
@@ -408,16 +408,7 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
                     step,
                 )
                 loss = float(metrics["loss"][0])
-                if not math.isfinite(loss):
-                    last = ckpts.latest_step()
-                    raise TrainingError(
-                        f"loss is {loss} at step {step} (epoch {epoch}); stopped. "
-                        + (
-                            f"The last good checkpoint (step {last}) is intact."
-                            if last is not None
-                            else "No checkpoint was written yet."
-                        )
-                    )
+                check_finite(loss, float(metrics["grad_norm"][0]), step, epoch, ckpts)
                 rep["params"], rep_opt, rep["stats"] = new_params, new_opt, new_stats
                 step += 1
                 window.append(loss)

@@ -492,22 +492,8 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
                 )
                 loss = float(metrics["loss"][0])
                 grad_norm = float(metrics["grad_norm"][0])
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    # Nothing is saved from here on: the last checkpoint is the last finite state.
-                    last = ckpts.latest_step()
-                    what = (
-                        f"loss is {loss}"
-                        if not math.isfinite(loss)
-                        else f"gradient norm is {grad_norm}"
-                    )
-                    raise TrainingError(
-                        f"{what} at step {state.step} (epoch {epoch}); stopped. "
-                        + (
-                            f"The last good checkpoint (step {last}) is intact."
-                            if last is not None
-                            else "No checkpoint was written yet."
-                        )
-                    )
+                # Nothing is saved after a non-finite step: the last checkpoint stays the last good one.
+                check_finite(loss, grad_norm, state.step, epoch, ckpts)
                 state.params, state.opt_state = new_params, new_opt
                 state.step += 1
                 window.append(loss)
@@ -550,6 +536,20 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     if recon_imgs is not None and summary["interrupted"] is None:
         write_figure()
     return summary
+
+
+def check_finite(loss: float, grad_norm: float, step: int, epoch: int, ckpts: Checkpoints) -> None:
+    """TrainingError naming the step and the last good checkpoint when a metric is not finite."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+    last = ckpts.latest_step()
+    kept = (
+        f"The last good checkpoint (step {last}) is intact."
+        if last is not None
+        else "No checkpoint was written yet."
+    )
+    raise TrainingError(f"{what} at step {step} (epoch {epoch}); stopped. {kept}")
 
 
 @dataclasses.dataclass(frozen=True)
