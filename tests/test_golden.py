@@ -67,6 +67,22 @@ def test_every_stage_matches_official(converted, case):
     np.testing.assert_array_equal(mae_jax.patchify(jnp.asarray(g["x_nhwc"]), 4), g["target"])
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_fast_path_matches_official(converted, case):
+    """Without stage capture the encoder embeds only the kept patches (the fast path used in
+    training and by ``model(...)``); it must give the official numbers as well."""
+    g = np.load(GOLDEN / f"tiny_shared__{case}.npz")
+    model = mae_jax.load_pretrained(str(converted / "full"))
+    model.config = model.config.replace(norm_pix_loss=bool(g["norm_pix_loss"]))
+    x, noise, ratio = jnp.asarray(g["x_nhwc"]), jnp.asarray(g["noise"]), float(g["mask_ratio"])
+    loss, pred, mask = model(x, noise=noise, mask_ratio=ratio)
+    latent = model.forward_encoder(x, mae_jax.masking_from_noise(noise, ratio))
+    np.testing.assert_allclose(latent, g["latent"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(pred, g["pred"], rtol=0, atol=ATOL)
+    np.testing.assert_array_equal(mask, g["mask"])
+    np.testing.assert_allclose(float(loss), float(g["loss"]), rtol=1e-6)
+
+
 def test_encoder_only_checkpoint(converted):
     g = np.load(GOLDEN / "tiny_shared__r0.75__np0.npz")
     model = mae_jax.load_pretrained(str(converted / "enc"))

@@ -156,6 +156,26 @@ def test_presets_exact_sizes():
     assert len(jax.tree.leaves(params)) + len(jax.tree.leaves(fixed)) == 254
 
 
+def test_gelu_is_the_exact_erf_form():
+    import math
+
+    x = np.concatenate([np.linspace(-12, 12, 4001), [-40.0, -5.5, 0.0, 1e-3, 7.25, 40.0]])
+    want = np.array([v / 2 * (1 + math.erf(v / math.sqrt(2))) for v in x])  # float64
+    got = np.asarray(jax.jit(model_lib.gelu)(jnp.asarray(x, jnp.float32)), np.float64)
+    # 1 + erf(x) cancels for x < -4 (the result then loses its relative accuracy, as torch's
+    # does); the absolute error stays at the float32 rounding of x itself.
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
+
+
+def test_gelu_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).normal(0, 4, 100_000).astype(np.float32)
+    got = np.asarray(jax.jit(model_lib.gelu)(jnp.asarray(x)))
+    want = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()  # approximate="none"
+    # Both sides lose relative accuracy where 1 + erf(x) cancels (x < -4), each its own way.
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+
+
 def test_forward_shapes_and_call_signature(tiny):
     imgs = _images()
     loss, pred, mask = tiny(imgs, key=jax.random.key(0), mask_ratio=0.75)
