@@ -24,7 +24,9 @@ from mae_jax.classifier import (
     _block_forward,
     classification_counts,
     drop_path,
+    eval_slice_size,
     evaluate,
+    in_slices,
     init_classifier_from_mae,
     interpolate_pos_embed,
 )
@@ -374,6 +376,25 @@ def test_eval_reports_accuracy_and_loss_computed_independently(tmp_path, capsys,
     assert float(m.group(1)) == pytest.approx(top1, abs=1e-3)
     assert float(m.group(2)) == 100.0  # top-2 of two classes
     assert float(m.group(3)) == pytest.approx(loss, abs=1e-3)
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 10])
+def test_sliced_eval_forward_equals_the_whole_batch(tiny_classifier, size):
+    model, _ = tiny_classifier
+    images = jax.random.normal(jax.random.key(0), (7, 32, 32, 3))
+    whole = model(images)
+    sliced = jax.jit(lambda x: in_slices(model, x, size))(images)  # 7 = 2 slices of 3 + 1 left
+    assert sliced.shape == whole.shape
+    # Rounding only (the logits reach ~30 here): 1e-6 of the largest logit.
+    np.testing.assert_allclose(sliced, whole, rtol=0, atol=1e-6 * float(jnp.abs(whole).max()))
+
+
+def test_eval_slice_size_on_cpu():
+    base = mae_jax.get_vit_config("vit_base_patch16")  # 197 tokens: 8 images of ~1,600 tokens
+    tiny = mae_jax.get_vit_config("vit_tiny_patch4")  # 65 tokens: 24 images
+    assert jax.default_backend() == "cpu"
+    assert [eval_slice_size(base, n) for n in (1, 8, 32, 256)] == [1, 8, 8, 8]
+    assert [eval_slice_size(tiny, n) for n in (3, 64)] == [3, 24]
 
 
 class ImageFolderImages:
