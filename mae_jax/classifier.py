@@ -35,6 +35,10 @@ class EncoderMismatchError(ValueError):
     """Pretrained encoder weights that do not fit the classifier's architecture."""
 
 
+class HeadMismatchError(ValueError):
+    """A classifier checkpoint's head does not fit the classes of the data it is to be trained on."""
+
+
 # --------------------------------------------------------------------------- drop path
 
 
@@ -345,6 +349,52 @@ def init_classifier_from_mae(
             f"the encoder has {len(src['blocks'])} blocks, the classifier {config.depth}"
         )
 
+    return _new_classifier_with(src, wanted, config, rngs, dtype, head_init_std)
+
+
+def init_classifier_from_classifier(
+    src: VisionTransformer,
+    config: ViTConfig,
+    *,
+    reset_head: bool = False,
+    rngs: nnx.Rngs | None = None,
+    dtype: Dtype = jnp.float32,
+    head_init_std: float = FINETUNE_HEAD_STD,
+) -> VisionTransformer:
+    """A classifier that continues from another (e.g. an official fine-tuned checkpoint).
+
+    Everything is copied, the position table interpolated when the patch grid differs; the head
+    too, unless ``reset_head`` asks for a new one (normal, std ``head_init_std``). A head whose
+    class count differs from ``config.num_classes`` needs ``reset_head``: the official fine-tuning
+    code drops such a head silently, here it is the user's explicit choice.
+    """
+    c = src.config
+    for field in ("embed_dim", "depth", "num_heads", "patch_size", "in_chans"):
+        if getattr(c, field) != getattr(config, field):
+            raise EncoderMismatchError(
+                f"the checkpoint's classifier has {field} {getattr(c, field)}, the preset "
+                f"{getattr(config, field)}"
+            )
+    if c.global_pool != config.global_pool:
+        have, want = ("global pool", "cls token") if c.global_pool else ("cls token", "global pool")
+        raise EncoderMismatchError(
+            f"the checkpoint's classifier pools with the {have}, this run with the {want} "
+            f"(--set global_pool={str(c.global_pool).lower()} keeps the checkpoint's pooling)"
+        )
+    if c.num_classes != config.num_classes and not reset_head:
+        raise HeadMismatchError(
+            f"the checkpoint's head has {c.num_classes} classes, the data {config.num_classes}: "
+            "pass --reset-head to train a new head"
+        )
+    wanted = ["cls_token", "pos_embed", "patch_embed", "blocks"]
+    wanted += ["fc_norm" if c.global_pool else "norm"] + ([] if reset_head else ["head"])
+    src_state = nnx.to_pure_dict(nnx.state(src))
+    return _new_classifier_with(src_state, wanted, config, rngs, dtype, head_init_std)
+
+
+def _new_classifier_with(src, wanted, config, rngs, dtype, head_init_std) -> VisionTransformer:
+    """A new classifier of ``config`` with the ``wanted`` entries of the state ``src`` copied in
+    (shapes checked; pos_embed interpolated to the classifier's grid)."""
     model = VisionTransformer(
         config,
         rngs=rngs if rngs is not None else nnx.Rngs(0),

@@ -18,7 +18,7 @@ class UsageError(ValueError):
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes that mean 'bad input', not 'bug' (imported lazily: jax is slow)."""
     from mae_jax.checkpoint import CheckpointError
-    from mae_jax.classifier import NotAClassifierError
+    from mae_jax.classifier import EncoderMismatchError, HeadMismatchError, NotAClassifierError
     from mae_jax.data import DataError
     from mae_jax.model import MissingDecoderError
     from mae_jax.train import TrainingError
@@ -30,6 +30,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DataError,
         MissingDecoderError,
         NotAClassifierError,
+        EncoderMismatchError,
+        HeadMismatchError,
         TrainingError,
         PanelInputError,
         OSError,
@@ -175,7 +177,16 @@ def _add_finetune(sub, mode: str) -> None:
     )
     p.add_argument("--data", required=True, help="training folder (one sub-folder per class)")
     p.add_argument("--val", help="validation folder (same classes)")
-    p.add_argument("--init", help="MAE checkpoint directory or pretraining run to start from")
+    p.add_argument(
+        "--init",
+        help="checkpoint to start from: an MAE (pretrained here or converted), a pretraining run, "
+        "or a classifier to continue from",
+    )
+    p.add_argument(
+        "--reset-head",
+        action="store_true",
+        help="with a classifier --init: train a new head (needed when its classes differ)",
+    )
     p.add_argument("--preset", help="classifier preset, e.g. vit_base_patch16 (default)")
     p.add_argument("--workdir", default=f"runs/{mode}", help=f"run directory (default runs/{mode})")
     _add_run_arguments(p)
@@ -193,6 +204,7 @@ def _run_finetune(args) -> int:
         "data": args.data,
         "val": args.val,
         "init": args.init,
+        "reset_head": args.reset_head or None,
         "preset": args.preset,
         "dtype": args.dtype,
     }

@@ -31,7 +31,12 @@ import optax
 from flax import nnx
 
 from mae_jax import augment, masking, optim
-from mae_jax.classifier import VisionTransformer, evaluate, init_classifier_from_mae
+from mae_jax.classifier import (
+    VisionTransformer,
+    evaluate,
+    init_classifier_from_classifier,
+    init_classifier_from_mae,
+)
 from mae_jax.config import get_vit_config
 from mae_jax.train import (
     AXIS,
@@ -66,7 +71,8 @@ class FinetuneConfig:
     preset: str = "vit_base_patch16"
     data: str = ""  # training ImageFolder (class sub-folders)
     val: str | None = None  # validation ImageFolder
-    init: str | None = None  # MAE checkpoint directory or pretraining workdir; None: from scratch
+    init: str | None = None  # MAE or classifier checkpoint, or pretraining workdir; None: scratch
+    reset_head: bool = False  # with a classifier init: a new head instead of the checkpoint's
     img_size: int | None = None
     batch_size: int = 32  # per device
     accum_iter: int = 1
@@ -238,10 +244,20 @@ def build_model(config: FinetuneConfig, num_classes: int, dtype) -> nnx.Module:
     head_std = 2e-5 if config.mode == "finetune" else 0.01
     rngs = nnx.Rngs(config.seed)
     if config.init:
-        mae = load_pretrained(config.init)
-        vit = init_classifier_from_mae(
-            mae, vit_config, rngs=rngs, dtype=dtype, head_init_std=head_std
-        )
+        source = load_pretrained(config.init)
+        if isinstance(source, VisionTransformer):  # continue from a classifier
+            vit = init_classifier_from_classifier(
+                source,
+                vit_config,
+                reset_head=config.reset_head,
+                rngs=rngs,
+                dtype=dtype,
+                head_init_std=head_std,
+            )
+        else:
+            vit = init_classifier_from_mae(
+                source, vit_config, rngs=rngs, dtype=dtype, head_init_std=head_std
+            )
     else:
         vit = VisionTransformer(vit_config, rngs=rngs, dtype=dtype, head_init_std=head_std)
     return LinearProbe(vit, rngs=rngs) if config.mode == "linprobe" else vit

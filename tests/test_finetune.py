@@ -1,5 +1,6 @@
 """Fine-tuning and linear probing loops on a tiny synthetic task, on 8 fake CPU devices."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from PIL import Image
 
 import mae_jax
 from convert.pth_to_orbax import convert_pth
-from mae_jax import finetune
-from mae_jax.classifier import VisionTransformer
+from mae_jax import cli, finetune
+from mae_jax.classifier import EncoderMismatchError, VisionTransformer
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -105,6 +106,12 @@ def test_finetuning_lifts_validation_accuracy_above_chance(task, mae_init, tmp_p
     assert isinstance(model, VisionTransformer) and model.config.num_classes == 2
 
 
+# The official fine-tuning augmentation and regularisation (the tiny tests turn them off otherwise).
+FULL_RECIPE_AUGMENTATION = dict(
+    auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, drop_path=0.1
+)
+
+
 def test_finetuning_with_the_full_augmentation_runs(task, mae_init, tmp_path):
     cfg = _config(
         "finetune",
@@ -113,11 +120,7 @@ def test_finetuning_with_the_full_augmentation_runs(task, mae_init, tmp_path):
         lr=1e-3,
         max_steps=3,
         log_every=1,
-        auto_augment="rand-m9-mstd0.5-inc1",
-        reprob=0.25,
-        mixup=0.8,
-        cutmix=1.0,
-        drop_path=0.1,
+        **FULL_RECIPE_AUGMENTATION,
     )
     summary = finetune.finetune(cfg, tmp_path, progress=False)
     assert summary["end_step"] == 3
@@ -182,3 +185,86 @@ def test_bad_settings(task, tmp_path):
     with pytest.raises(finetune.TrainingError, match="key one of"):
         finetune.FinetuneConfig().with_overrides(["nope=1"])
     assert finetune.FinetuneConfig().with_overrides(["blr=0.002", "val=none"]).blr == 0.002
+
+
+def _losses(workdir: Path) -> list[float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+
+
+def test_resumed_finetuning_gives_the_same_losses(task, mae_init, tmp_path):
+    """Stopped after 3 steps and run again, it continues to the same losses and weights as one
+    uninterrupted run (bitwise on CPU): data position, augmentation and drop-path keys restored."""
+    cfg = _config(
+        "finetune",
+        task,
+        mae_init,
+        lr=1e-3,
+        log_every=1,
+        **FULL_RECIPE_AUGMENTATION,
+        val=None,
+    )
+    whole = finetune.finetune(dataclasses.replace(cfg, max_steps=6), tmp_path / "a", progress=False)
+    first = finetune.finetune(dataclasses.replace(cfg, max_steps=3), tmp_path / "b", progress=False)
+    assert first["end_step"] == 3
+    second = finetune.finetune(
+        dataclasses.replace(cfg, max_steps=6), tmp_path / "b", progress=False
+    )
+    assert second["end_step"] == whole["end_step"] == 6
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    a = jax.tree.leaves(nnx.state(mae_jax.load_pretrained(tmp_path / "a" / "model")))
+    b = jax.tree.leaves(nnx.state(mae_jax.load_pretrained(tmp_path / "b" / "model")))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def classifier_init(tmp_path_factory):
+    """A 2-class tiny classifier checkpoint, as fine-tuning leaves it (global pool)."""
+    from mae_jax.checkpoint import save_model
+
+    model = mae_jax.create_classifier("vit_tiny_patch4", rngs=nnx.Rngs(5), num_classes=2)
+    model.head.kernel[...] = jax.random.normal(jax.random.key(6), model.head.kernel.shape)
+    return model, save_model(model, tmp_path_factory.mktemp("clf") / "clf")
+
+
+def test_continue_from_a_classifier_copies_everything(task, classifier_init):
+    src, ckpt = classifier_init
+    model = finetune.build_model(_config("finetune", task, ckpt).resolved(), 2, jnp.float32)
+    a = nnx.to_pure_dict(nnx.state(src))
+    b = nnx.to_pure_dict(nnx.state(model))
+    pairs = zip(jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b), strict=True)
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in pairs)
+
+
+def test_head_of_another_size_needs_reset_head(task, classifier_init, tmp_path, capsys):
+    _, ckpt = classifier_init
+    three = tmp_path / "three"
+    for name in ("red", "green", "blue"):
+        (three / name).mkdir(parents=True)
+        Image.new("RGB", (40, 40), name).save(three / name / "0.png")
+    argv = ["finetune", "--data", str(three), "--init", str(ckpt), "--preset", "vit_tiny_patch4"]
+    argv += ["--workdir", str(tmp_path / "run"), "--quiet", "--set", "max_steps=1"]
+    argv += ["--set", "batch_size=1", "--set", "read_threads=1"]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "head has 2 classes, the data 3" in err
+    assert "--reset-head" in err
+    assert not (tmp_path / "run" / "model").exists()
+
+    cfg = _config("finetune", (three, None), ckpt, val=None, reset_head=True).resolved()
+    model = finetune.build_model(cfg, 3, jnp.float32)
+    src, _ = classifier_init
+    assert model.head.kernel.shape == (64, 3)
+    assert float(jnp.abs(model.head.kernel[...]).max()) < 1e-3  # new: std 2e-5
+    np.testing.assert_array_equal(model.fc_norm.scale[...], src.fc_norm.scale[...])
+    np.testing.assert_array_equal(
+        model.blocks[1].mlp.fc2.kernel[...], src.blocks[1].mlp.fc2.kernel[...]
+    )
+
+
+def test_pooling_of_a_classifier_init_must_match(task, classifier_init):
+    _, ckpt = classifier_init
+    cfg = _config("finetune", task, ckpt, global_pool=False).resolved()
+    with pytest.raises(EncoderMismatchError, match="global_pool=true"):
+        finetune.build_model(cfg, 2, jnp.float32)
