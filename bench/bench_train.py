@@ -2,8 +2,7 @@
 recipe in PyTorch (Hugging Face ViTMAEForPreTraining + torch.optim.AdamW).
 
 Run from the repository root: `python bench/bench_train.py [--preset mae_vit_base_patch16]
-[--batch 8] [--reps 5] [--dtype float32|bfloat16] [--threads 2] [--skip-memory] [--breakdown]
-[--grad-barrier]`. Four to six minutes for ViT-B at batch 8 on 2 idle cores (longer on a loaded
+[--batch 8] [--reps 5] [--dtype float32|bfloat16] [--threads 2] [--skip-memory] [--breakdown]`. Four to six minutes for ViT-B at batch 8 on 2 idle cores (longer on a loaded
 machine).
 
 One step is forward + backward + AdamW update (betas 0.9/0.95, weight decay 0.05 on every tensor
@@ -19,12 +18,6 @@ with more than one dimension that is not a bias), mask ratio 0.75, norm_pix_loss
    VmHWM from /proc/self/status, reset through /proc/self/clear_refs after compilation and the
    first steps, so the figure is the steady-state step's own high-water mark.
 4. The data pipeline beside it: images/s of ``mae_jax.data.pretrain_batches`` on synthetic JPEGs.
-
---grad-barrier adds a JAX candidate with a proposed change to model.py's Block: the gradient that
-reaches each block's input is materialized once (``materialize_cotangent``). Without it, XLA:CPU
-fuses the transposes that the weight gradients need with the LayerNorm-backward chain of the
-residual stream, and each of those fusions recomputes the chain from the loss down to its own
-layer (the work grows with depth squared).
 
 --dtype bfloat16 changes the JAX compute dtype only (parameters and optimizer state stay float32);
 torch always runs float32.
@@ -53,7 +46,6 @@ BETAS = (0.9, 0.95)
 TORCH_ATTNS = ("sdpa", "eager")
 MEMORY_STEPS = 3  # steps inside the measured high-water-mark window
 MEMORY_TAG = "MEMORY "
-BARRIER = "jax barrier"  # the --grad-barrier candidate
 PIPELINE_IMAGES = 200
 PIPELINE_BATCHES = 20  # timed batches, after the first
 
@@ -70,11 +62,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--breakdown",
         action="store_true",
         help="also time forward, forward+backward and the optimizer update alone",
-    )
-    parser.add_argument(
-        "--grad-barrier",
-        action="store_true",
-        help="also time mae_jax with each block's input gradient materialized (proposed for model.py)",
     )
     # Internal: run one side's memory measurement and print it as a JSON line.
     parser.add_argument(
@@ -148,61 +135,6 @@ class JaxTrainer:
         self.params, self.opt_state = params, opt_state
         self.step_count += 1
         return {k: float(v[0]) for k, v in metrics.items()}
-
-
-_ONE_POINT_ONE_BITS = 0x3F8CCCCD  # float32 1.1: any finite value would do
-
-
-def _materialize_bwd(_, g):
-    import jax
-    import jax.numpy as jnp
-
-    # XLA:CPU drops lax.optimization_barrier, but it must keep a while loop whose trip count it
-    # cannot know; the loop's result is a materialized buffer that no later fusion can look
-    # through. The loop runs 0 times, or once when g's first element is exactly 1.1, and then
-    # multiplies by 1.0 computed at run time: g comes out unchanged either way.
-    first = g.reshape(-1)[0]
-    trips = (jax.lax.bitcast_convert_type(first, jnp.int32) == _ONE_POINT_ONE_BITS).astype(
-        jnp.int32
-    )
-    one = first * 0.0 + 1.0
-    _, g = jax.lax.while_loop(
-        lambda c: c[0] < trips, lambda c: (c[0] + 1, c[1] * one), (jnp.int32(0), g)
-    )
-    return (g,)
-
-
-@functools.cache
-def _materializing_identity():
-    import jax
-
-    @jax.custom_vjp
-    def identity(x):
-        return x
-
-    identity.defvjp(lambda x: (x, None), _materialize_bwd)
-    return identity
-
-
-def materialize_cotangent(x):
-    """Identity whose gradient is computed once into its own buffer (see --grad-barrier)."""
-    return _materializing_identity()(x)
-
-
-def grad_barrier_model(model):
-    """A copy of ``model`` whose Blocks pass their input through ``materialize_cotangent``."""
-    from flax import nnx
-
-    from mae_jax.model import Block
-
-    class BarrierBlock(Block):
-        def __call__(self, x_NxTxD):
-            return super().__call__(materialize_cotangent(x_NxTxD))
-
-    copy = nnx.merge(*nnx.split(model))
-    for block in [*copy.blocks, *copy.decoder_blocks]:
-        block.__class__ = BarrierBlock
-    return copy
 
 
 def torch_param_groups(model) -> tuple[list, list]:
@@ -531,21 +463,6 @@ def main(argv: list[str] | None = None) -> int:
         f"loss {first_metrics['loss']:.7f}"
     )
     candidates = {"jax": functools.partial(trainer.step, imgs)}
-    b_trainer = None
-    if args.grad_barrier:
-        # From the untouched initial weights, so its first loss must equal jax's exactly.
-        b_graphdef, b_params, b_fixed = train.split_model(grad_barrier_model(model))
-        b_trainer = JaxTrainer(
-            b_graphdef, b_params, b_fixed, tx, tx.init(b_params), config.num_patches
-        )
-        del b_params, b_fixed
-        start = time.perf_counter()
-        b_first = b_trainer.step(imgs)
-        print(
-            f"  {BARRIER} first step (compiles) {time.perf_counter() - start:.1f} s, loss "
-            f"{b_first['loss']:.7f} (jax {first_metrics['loss']:.7f})"
-        )
-        candidates[BARRIER] = functools.partial(b_trainer.step, imgs)
     for attn in TORCH_ATTNS:
         candidates[f"torch {attn}"] = functools.partial(
             torch_step, torch_models[attn], torch_opts[attn], imgs_t
@@ -576,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<22} median {phase_ms[name]:8.1f} ms  (range {_common.spread(t)} ms)")
 
     # The big models leave before the memory subprocesses and the data pipeline start.
-    del model, params, opt_state, trainer, b_trainer, torch_models, torch_opts, candidates
+    del model, params, opt_state, trainer, torch_models, torch_opts, candidates
     gc.collect()
 
     # ---------------------------------------------------------------- 3. memory
@@ -613,16 +530,6 @@ def main(argv: list[str] | None = None) -> int:
     rows += [
         (f"HEADLINE {best} / jax", f"{step_ms[best] / jax_ms:.2f}x", "target >= 2x"),
     ]
-    if BARRIER in step_ms:
-        b_ms = step_ms[BARRIER]
-        rows += [
-            (
-                "train step, jax + grad barrier",
-                f"{b_ms:.0f} ms",
-                f"{1e3 * args.batch / b_ms:.2f} img/s; jax / this {jax_ms / b_ms:.2f}x (proposed)",
-            ),
-            (f"{best} / jax + grad barrier", f"{step_ms[best] / b_ms:.2f}x", ""),
-        ]
     rows += [
         (
             "fastest torch rep / fastest jax rep",

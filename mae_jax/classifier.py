@@ -18,7 +18,14 @@ import numpy as np
 from flax import nnx
 
 from mae_jax.config import ViTConfig
-from mae_jax.model import Block, Dtype, MaskedAutoencoderViT, PatchEmbed, _layer_norm
+from mae_jax.model import (
+    Block,
+    Dtype,
+    MaskedAutoencoderViT,
+    PatchEmbed,
+    _layer_norm,
+    materialized_gradient,
+)
 from mae_jax.pos_embed import sincos_2d
 
 # Head init of the official recipes: fine-tuning uses std 2e-5, linear probing 0.01. timm's
@@ -58,6 +65,7 @@ def _block_forward(block: Block, x: jax.Array, rate: float, key: jax.Array | Non
     if key is None or rate == 0.0:
         return block(x)
     k_attn, k_mlp = jax.random.split(key)
+    x = materialized_gradient(x)  # as Block does
     x = x + drop_path(block.attn(block.norm1(x)), rate, k_attn)
     return x + drop_path(block.mlp(block.norm2(x)), rate, k_mlp)
 

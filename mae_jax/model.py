@@ -180,8 +180,39 @@ class Block(nnx.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs)
 
     def __call__(self, x_NxTxD: jax.Array) -> jax.Array:
-        x = x_NxTxD + self.attn(self.norm1(x_NxTxD))
+        x = materialized_gradient(x_NxTxD)
+        x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+@jax.custom_vjp
+def materialized_gradient(x: jax.Array) -> jax.Array:
+    """Identity, forward and backward; XLA computes the gradient that reaches it exactly once.
+
+    Each Block starts with it. The gradient of the residual stream is a long elementwise sum (one
+    LayerNorm-backward term per later block); without a buffer boundary XLA:CPU fuses that sum
+    into every consumer, the transposes for the weight gradients included, so each of them
+    recomputes it and the backward does work that grows with depth squared. Measured on 2 CPU
+    cores, mae_vit_base_patch16 at batch 8: 2.30 -> 1.84-1.91 s for loss and gradients, with
+    identical gradients.
+    """
+    return x
+
+
+def _materialized_gradient_fwd(x):
+    return x, None
+
+
+def _materialized_gradient_bwd(_, g):
+    # XLA:CPU drops optimization barriers, but a conditional on a value known only at run time
+    # is opaque to fusion: later fusions read its result buffer instead of recomputing it. Both
+    # branches give g back (the rare one, taken only when g's first element is NaN, adds 0.0,
+    # which can only turn -0.0 into 0.0; branches that were identical would be folded away).
+    first = g.reshape(-1)[0]
+    return (jax.lax.cond(first != first, lambda t: t + 0.0, lambda t: t, g),)
+
+
+materialized_gradient.defvjp(_materialized_gradient_fwd, _materialized_gradient_bwd)
 
 
 # --------------------------------------------------------------------------- the model

@@ -285,3 +285,32 @@ def test_jit_matches_eager(tiny):
     eager = tiny(imgs, noise=noise)[0]
     jitted = nnx.jit(lambda m, x, z: m(x, noise=z)[0])(tiny, imgs, noise)
     np.testing.assert_allclose(jitted, eager, rtol=1e-6)
+
+
+def test_materialized_gradient_is_the_identity_both_ways():
+    x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+    cot = jax.random.normal(jax.random.key(1), (3, 5, 8)).at[0, 0, 1].set(-0.0)
+    out, vjp = jax.vjp(model_lib.materialized_gradient, x)
+    np.testing.assert_array_equal(out, x)
+    (back,) = jax.jit(vjp)(cot)
+    assert np.array_equal(np.asarray(back), np.asarray(cot)) and np.signbit(back[0, 0, 1])
+    (back_nan,) = jax.jit(vjp)(cot.at[0, 0, 0].set(jnp.nan))  # the other branch
+    np.testing.assert_array_equal(back_nan[0, 1:], cot[0, 1:])
+
+
+def test_block_gradients_do_not_depend_on_the_materialization(tiny, monkeypatch):
+    from mae_jax import train
+
+    imgs = _images()
+    noise = jax.random.uniform(jax.random.key(0), (2, 64))
+    graphdef, params, fixed = nnx.split(tiny, nnx.Param, ...)
+
+    def grads():
+        f = jax.jit(lambda p: train.loss_and_grads(graphdef, p, fixed, imgs, noise, 0.75))
+        return jax.tree.leaves(f(params))
+
+    with_barrier = grads()
+    monkeypatch.setattr(model_lib, "materialized_gradient", lambda x: x)
+    without = grads()
+    for a, b in zip(with_barrier, without, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
