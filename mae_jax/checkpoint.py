@@ -101,8 +101,14 @@ def save_model(
         **(metadata or {}),
     }
     tmp = _atomic_dir(path, force)
+    # The caller's process writes the whole (host numpy) state alone: with several processes
+    # (jax.distributed) Orbax would otherwise wait for all of them at a barrier.
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"save_model_{me}"
+    )
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
             ckptr.save(tmp / PARAMS_DIR, state_as_numpy(model))
             ckptr.wait_until_finished()
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -233,10 +233,17 @@ def make_eval_logits(model: VisionTransformer, batch_size: int):
 
 def evaluate(model, folder, *, batch_size: int, progress: bool = False) -> dict:
     """Accuracy of ``model`` on an ``ImageFolder`` with the official eval transform (one pass,
-    jitted): dict(top1, top5 [%], k, loss (mean cross-entropy), count, skipped)."""
+    jitted): dict(top1, top5 [%], k, loss (mean cross-entropy), count, skipped).
+
+    With several processes (``jax.distributed``) each one evaluates its own share of the images
+    and the sums are added up across processes, so every process returns the whole folder's
+    figures; all processes must call it together.
+    """
     from tqdm import tqdm
 
     from mae_jax import data
+
+    hosts, host = jax.process_count(), jax.process_index()
 
     _, state = nnx.split(model)
     eval_logits = make_eval_logits(model, batch_size)
@@ -246,10 +253,16 @@ def evaluate(model, folder, *, batch_size: int, progress: bool = False) -> dict:
         return classification_counts(eval_logits(state, images), labels, valid)
 
     totals = dict.fromkeys(("top1", "top5", "loss", "count"), 0.0)
-    batches = data.eval_batches(folder, batch_size=batch_size, img_size=model.config.img_size)
+    batches = data.eval_batches(
+        folder,
+        batch_size=batch_size,
+        img_size=model.config.img_size,
+        shard_index=host,
+        shard_count=hosts,
+    )
     bar = tqdm(
         batches,
-        total=-(-len(folder) // batch_size),
+        total=math.ceil(math.ceil(len(folder) / hosts) / batch_size),
         unit="batch",
         disable=None if progress else True,
     )
@@ -257,6 +270,11 @@ def evaluate(model, folder, *, batch_size: int, progress: bool = False) -> dict:
         out = counts(state, batch["image"], batch["label"], batch["valid"])
         for key in totals:
             totals[key] += float(out[key])
+    if hosts > 1:
+        from jax.experimental import multihost_utils
+
+        sums = multihost_utils.process_allgather(np.array(list(totals.values()))).sum(axis=0)
+        totals = dict(zip(totals, sums.tolist(), strict=True))
     count = int(totals["count"])
     if count == 0:
         raise data.DataError(f"{folder.root}: none of its {len(folder)} images could be read")

@@ -229,7 +229,8 @@ def _run_finetune(args) -> int:
             f"validation after epoch {last['epoch']}: Acc@1 {last['val_top1']:.3f} "
             f"Acc@5 {last['val_top5']:.3f}"
         )
-    print(f"done: {summary['end_step']} steps; the classifier is in {summary['model']}")
+    where = summary.get("model") or f"{args.workdir}/model, written by the first host"
+    print(f"done: {summary['end_step']} steps; the classifier is in {where}")
     return 0
 
 

@@ -390,9 +390,12 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
         ckpts.save(step, rep, rep_opt, meta)
 
     def validate(epoch: int):
-        if val_folder is None or not is_main:
+        if val_folder is None:
             return
+        # Every host evaluates its share; all of them get the whole folder's figures.
         r = evaluate(current_model(), val_folder, batch_size=config.batch_size)
+        if not is_main:
+            return
         record = {
             "step": step,
             "epoch": epoch,

@@ -207,7 +207,10 @@ def make_p_train_step(
 def replicate(tree: Any, n: int) -> Any:
     """``n`` copies of every leaf on a new leading axis, copy i placed on local device i."""
     # A pmapped identity lays the copies out exactly as the train step's outputs are laid out,
-    # so the first step's donated arguments need no resharding.
+    # so the first step's donated arguments need no resharding. A tree without leaves (fine-tuning
+    # has no batch statistics) stays as it is: with several processes, pmap fails on no outputs.
+    if not jax.tree.leaves(tree):
+        return tree
     return jax.pmap(lambda _, t: t, in_axes=(0, None))(np.zeros(n), tree)
 
 
