@@ -19,6 +19,9 @@ with more than one dimension that is not a bias), mask ratio 0.75, norm_pix_loss
    first steps, so the figure is the steady-state step's own high-water mark.
 4. The data pipeline beside it: images/s of ``mae_jax.data.pretrain_batches`` on synthetic JPEGs.
 
+Before any torch model is built, the JAX step is also timed alone: in a process that runs torch
+steps too, the JAX step is slower and more variable (the cause is not identified; see the README).
+
 --dtype bfloat16 changes the JAX compute dtype only (parameters and optimizer state stay float32);
 torch always runs float32.
 """
@@ -411,10 +414,27 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- same weights on both sides
     model, graphdef, params, fixed, tx, opt_state = jax_setup(config, args.dtype, lr)
+    imgs, noise = images(config, args.batch)
+
+    # ---------------------------------------------------------------- 0. the JAX step alone
+    # Timed before any torch model exists: in a process that also runs torch steps the JAX step
+    # is slower and far more variable (see the README), so this is what a JAX-only training
+    # process sees. The trainer works on its own replicated copies of the state.
+    alone = JaxTrainer(graphdef, params, fixed, tx, opt_state, config.num_patches)
+    alone.step(imgs)  # compiles
+    alone_times = _common.interleaved_times(
+        {"jax alone": functools.partial(alone.step, imgs)}, reps=args.reps
+    )["jax alone"]
+    del alone
+    gc.collect()
+    print(
+        f"  jax step alone (no torch in the process yet): median "
+        f"{_common.median_ms(alone_times):.1f} ms  (range {_common.spread(alone_times)} ms)"
+    )
+
     state_dict = official_from_state(state_as_numpy(model))
     torch_models = {attn: hf_model(config, attn, state_dict) for attn in TORCH_ATTNS}
     torch_opts = {attn: torch_adamw(m, lr) for attn, m in torch_models.items()}
-    imgs, noise = images(config, args.batch)
     imgs_t = nchw(imgs)
 
     decay_mask = optim.pretrain_decay_mask(params)
@@ -527,8 +547,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     fastest_torch = min(min(step_times[f"torch {a}"]) for a in TORCH_ATTNS)
+    alone_ms = _common.median_ms(alone_times)
     rows += [
         (f"HEADLINE {best} / jax", f"{step_ms[best] / jax_ms:.2f}x", "target >= 2x"),
+        (
+            "train step, jax alone in its process",
+            f"{alone_ms:.0f} ms",
+            f"{best} / this {step_ms[best] / alone_ms:.2f}x",
+        ),
     ]
     rows += [
         (
