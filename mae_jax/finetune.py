@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -43,9 +42,11 @@ from mae_jax.train import (
     Checkpoints,
     TrainingError,
     _check_saved_config,
+    _close_run,
     _Interrupt,
     _MetricsLog,
     _progress,
+    _save_or_stop,
     apply_overrides,
     check_finite,
     plan_steps,
@@ -450,19 +451,10 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
                     window, t_window = [], now
                 if step % used_per_epoch == 0:
                     validate(epoch)
-                if step % config.ckpt_every == 0 or step == total_steps:
-                    save()
-                if interrupt.signal is not None:
-                    if ckpts.latest_step() != step:
-                        save()
-                    summary["interrupted"] = signal.Signals(interrupt.signal).name
+                if _save_or_stop(step, total_steps, config, ckpts, save, interrupt, summary):
                     break
     finally:
-        ckpts.wait()
-        ckpts.close()
-        bar.close()
-        log.close()
-        loader.close()
+        _close_run(ckpts, bar, log, loader)
     summary.update(end_step=step, total_steps=total_steps, skipped_images=loader.num_skipped)
     if summary["interrupted"] is None and is_main:
         m = current_model()

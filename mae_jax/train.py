@@ -355,6 +355,27 @@ class _Interrupt:
             signal.signal(sig, handler)
 
 
+def _save_or_stop(step, total_steps, config, ckpts, save, interrupt, summary) -> bool:
+    """The end of a training step: save every ``ckpt_every`` steps and at the last one; after a
+    signal, save (unless this step was just saved), record it in ``summary`` and return True."""
+    if step % config.ckpt_every == 0 or step == total_steps:
+        save()
+    if interrupt.signal is None:
+        return False
+    if ckpts.latest_step() != step:
+        save()
+    summary["interrupted"] = signal.Signals(interrupt.signal).name
+    return True
+
+
+def _close_run(ckpts, *closables) -> None:
+    """Wait for the last asynchronous save, then close the checkpoints and everything else."""
+    ckpts.wait()
+    ckpts.close()
+    for thing in closables:
+        thing.close()
+
+
 def _default_data_folder() -> str:
     from mae_jax import assets
 
@@ -522,19 +543,10 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
                     window, norms, t_window = [], [], now
                 if recon_imgs is not None and state.step % config.recon_every == 0:
                     write_figure()
-                if state.step % config.ckpt_every == 0 or state.step == total_steps:
-                    save()
-                if interrupt.signal is not None:
-                    if ckpts.latest_step() != state.step:
-                        save()
-                    summary["interrupted"] = signal.Signals(interrupt.signal).name
+                if _save_or_stop(state.step, total_steps, config, ckpts, save, interrupt, summary):
                     break
     finally:
-        ckpts.wait()
-        ckpts.close()
-        bar.close()
-        metrics_log.close()
-        loader.close()
+        _close_run(ckpts, bar, metrics_log, loader)
     summary.update(end_step=state.step, total_steps=total_steps, skipped_images=loader.num_skipped)
     if recon_imgs is not None and summary["interrupted"] is None:
         write_figure()
