@@ -1,12 +1,18 @@
-"""Image data for MAE: folder listing, Pillow decoding, the official transforms, a grain loader.
+"""Image data for MAE: image sets, Pillow decoding, the official transforms, the grain loaders.
 
 Everything here runs on the host and returns NumPy arrays in NHWC layout; there is no torch.
+The one exception is ``normalize_on_device`` (jax.numpy), which the train step calls on uint8
+batches.
 
 - ``ImageFolder`` lists the images of an ImageNet-style folder (one sub-folder per class) or of a
-  flat folder (every image gets label 0).
-- ``pretrain_transform`` is the official pretraining augmentation: RandomResizedCrop (scale
-  (0.2, 1), ratio (3/4, 4/3), bicubic) with torchvision's sampling algorithm, a horizontal flip with
-  p=0.5, then ToTensor and ImageNet normalisation, in float32 like torchvision.
+  flat folder (every image gets label 0); ``mae_jax.records.RecordFolder`` reads the same images
+  from sharded ArrayRecord files (``mae-jax prepare-data``); ``open_dataset`` opens either. Both
+  give ``len``, ``root``, ``classes``, ``labels`` and ``read(i) -> (encoded bytes, name)``.
+- ``pretrain_crop`` is the official pretraining augmentation on uint8 pixels: RandomResizedCrop
+  (scale (0.2, 1), ratio (3/4, 4/3), bicubic) with torchvision's sampling algorithm, then a
+  horizontal flip with p=0.5. A JPEG that is opened but not yet decoded is decoded at a reduced
+  DCT scale (Pillow's draft mode) when the crop stays at least ``size`` pixels on both sides.
+  ``pretrain_transform`` adds ToTensor and ImageNet normalisation, in float32 like torchvision.
 - ``eval_transform`` is the official classifier evaluation transform (shorter side to
   int(size / 0.875), bicubic, centre crop, normalise).
 - ``pretrain_batches`` is the training loader: a grain pipeline whose every batch is a pure
@@ -16,16 +22,22 @@ Everything here runs on the host and returns NumPy arrays in NHWC layout; there 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import grain
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import jax
+
+    from mae_jax.records import RecordFolder
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), dtype=np.float32)
@@ -34,6 +46,8 @@ PRETRAIN_SCALE = (0.2, 1.0)
 PRETRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 # Official classifier evaluation: resize to size / crop_pct, then centre-crop size.
 EVAL_CROP_PCT = 224 / 256
+# The DCT scale reductions libjpeg offers through Pillow's draft mode, largest first.
+JPEG_DRAFT_SCALES = (8, 4, 2)
 
 # First word of every SeedSequence entropy list, so that the shuffle and the augmentation streams
 # never coincide (SeedSequence pads short entropy with zeros: [a, b] and [a, b, 0] are the same).
@@ -43,8 +57,9 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _LOG = logging.getLogger(__name__)
 
 
-# transform(img, rng, size) -> (size, size, 3) float32 pixels
+# transform(img, rng, size) -> (size, size, 3) float32 pixels, img a decoded RGB image
 Transform = Callable[[Image.Image, np.random.Generator, int], np.ndarray]
+Pixels = Literal["float32", "uint8"]
 
 
 class DataError(ValueError):
@@ -119,8 +134,26 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def read(self, index: int) -> tuple[bytes, str]:
+        """Image ``index``'s encoded file bytes and its path (for messages); DataError if unreadable."""
+        path = self.paths[index]
+        try:
+            with open(path, "rb") as f:
+                return f.read(), path
+        except OSError as err:
+            raise DataError(f"{path}: cannot read file ({err.strerror or err})") from err
+
     def __repr__(self) -> str:
         return f"ImageFolder({self.root!r}: {len(self)} images, {len(self.classes)} classes)"
+
+
+def open_dataset(root: str | os.PathLike) -> ImageFolder | RecordFolder:
+    """The image set at ``root``: a record directory (``mae-jax prepare-data``) or an image folder."""
+    from mae_jax import records
+
+    if records.is_record_dir(root):
+        return records.RecordFolder(root)
+    return ImageFolder(root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +176,31 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _cannot_decode(name: str, err: Exception) -> DataError:
+    return DataError(f"{name}: cannot decode image ({type(err).__name__}: {err})")
+
+
+def open_image(encoded: bytes, name: str) -> Image.Image:
+    """Encoded image bytes opened by Pillow: header read, pixels not decoded yet.
+
+    ``name`` (a path, or a record's description) is what a DataError names on failure.
+    """
+    try:
+        return Image.open(io.BytesIO(encoded))
+    except Exception as err:  # any failure inside Pillow means the file is unusable
+        raise _cannot_decode(name, err) from err
+
+
+def decode_bytes(encoded: bytes, name: str) -> Image.Image:
+    """Encoded image bytes fully decoded and converted to RGB; DataError naming ``name``."""
+    img = open_image(encoded, name)
+    try:
+        img.load()
+        return to_rgb(img)
+    except Exception as err:
+        raise _cannot_decode(name, err) from err
+
+
 def decode_rgb(path: str | os.PathLike) -> Image.Image:
     """Open, fully decode and convert one image file to RGB; DataError naming the file on failure."""
     try:
@@ -150,9 +208,7 @@ def decode_rgb(path: str | os.PathLike) -> Image.Image:
             img.load()
             return to_rgb(img)
     except Exception as err:  # any failure inside Pillow means the file is unusable
-        raise DataError(
-            f"{os.fspath(path)}: cannot decode image ({type(err).__name__}: {err})"
-        ) from err
+        raise _cannot_decode(os.fspath(path), err) from err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,6 +250,89 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def draft_scale(img: Image.Image, box_h: int, box_w: int, size: int) -> int:
+    """The JPEG draft reduction (8, 4, 2 or 1) for cropping an h x w box to ``size``.
+
+    The largest reduction that keeps the box at least ``size`` pixels on both sides, so the
+    bicubic resize still only shrinks; 1 when the image is not a JPEG or is already decoded.
+    """
+    if img.format != "JPEG" or len(getattr(img, "tile", ())) != 1:
+        return 1
+    for scale in JPEG_DRAFT_SCALES:
+        if box_w >= scale * size and box_h >= scale * size:
+            return scale
+    return 1
+
+
+def decode_for_crop(
+    img: Image.Image, box: tuple[int, int, int, int], size: int, name: str = "image"
+) -> tuple[Image.Image, int]:
+    """Decodes ``img`` (opened, maybe not yet decoded) as RGB for cropping ``box`` to ``size``.
+
+    Returns (the RGB image, its reduction: 1, 2, 4 or 8, the box's coordinates divided by it).
+    A not-yet-decoded JPEG is decoded at ``draft_scale``; libjpeg's scaled IDCT skips most of the
+    work of the pixels that a full decode and bicubic shrink would throw away. DataError naming
+    ``name`` if the pixels cannot be decoded.
+    """
+    top, left, h, w = box
+    scale = draft_scale(img, h, w, size)
+    try:
+        if scale > 1:
+            full_width = img.width
+            drafted = img.draft("RGB", (img.width // scale, img.height // scale))
+            # draft returns the decoded area in reduced pixels: the scale libjpeg really uses.
+            scale = 1 if drafted is None else round(full_width / drafted[1][2])
+        img.load()
+        return to_rgb(img), scale
+    except Exception as err:  # any failure inside Pillow means the file is unusable
+        raise _cannot_decode(name, err) from err
+
+
+def crop_resize(
+    img: Image.Image, box: tuple[int, int, int, int], size: int, flipped: bool, scale: int = 1
+) -> np.ndarray:
+    """``box`` (top, left, h, w, in full-size pixels) of RGB ``img`` as (size, size, 3) uint8.
+
+    Crop, bicubic resize, optional horizontal flip. ``scale`` > 1: ``img`` is a draft decoded at
+    1/scale, and the box falls between its pixels; it is cropped to the pixels that cover the box
+    and resized from the exact fractional box inside them.
+    """
+    top, left, h, w = box
+    if scale == 1:
+        # Crop first, then resize, as torchvision does: resizing with a ``box`` would let the
+        # bicubic filter read pixels outside the crop and change the border values.
+        out = img.crop((left, top, left + w, top + h)).resize(
+            (size, size), Image.Resampling.BICUBIC
+        )
+    else:
+        x0, y0, x1, y1 = left / scale, top / scale, (left + w) / scale, (top + h) / scale
+        ix0, iy0 = math.floor(x0), math.floor(y0)
+        ix1, iy1 = min(math.ceil(x1), img.width), min(math.ceil(y1), img.height)
+        out = img.crop((ix0, iy0, ix1, iy1)).resize(
+            (size, size), Image.Resampling.BICUBIC, box=(x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0)
+        )
+    if flipped:
+        # Pillow's mirror is a plain copy; NumPy's [:, ::-1] of 3-byte pixels is 5x slower.
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
+
+
+def pretrain_crop(
+    img: Image.Image, rng: np.random.Generator, size: int, name: str = "image"
+) -> tuple[np.ndarray, tuple[int, int, int, int], bool]:
+    """Official MAE pretraining augmentation as uint8: RandomResizedCrop, bicubic, flip p=0.5.
+
+    ``img``: any Pillow image, decoded or only opened (``open_image``); an opened JPEG is decoded
+    in draft mode when the crop allows (``decode_for_crop``), any other image gives exactly the
+    pixels of a full decode. The box is drawn from the full size, so ``rng`` makes the same draws
+    either way. Returns (pixels (size, size, 3) uint8, crop box (top, left, h, w), flipped).
+    """
+    box = random_resized_crop_box(rng, img.width, img.height)
+    flipped = bool(rng.random() < 0.5)
+    decoded, scale = decode_for_crop(img, box, size, name)
+    return crop_resize(decoded, box, size, flipped, scale), box, flipped
+
+
 # normalize() as a table: row c, column v holds (v / 255 - mean[c]) / std[c], computed in float32
 # in torchvision's order (ToTensor, then Normalize), so a lookup gives its exact values, 2x faster.
 _NORMALIZED_VALUES = np.ascontiguousarray(
@@ -220,23 +359,16 @@ def denormalize(x: Any) -> np.ndarray:
 def pretrain_transform(
     img: Image.Image, rng: np.random.Generator, size: int
 ) -> tuple[np.ndarray, tuple[int, int, int, int], bool]:
-    """Official MAE pretraining augmentation of an RGB image.
+    """Official MAE pretraining augmentation of an image, normalised as torchvision does.
 
     Returns (pixels (size, size, 3) float32 normalised, crop box (top, left, h, w), flipped).
     """
-    top, left, h, w = random_resized_crop_box(rng, img.width, img.height)
-    # Crop first, then resize, as torchvision does: resizing with a ``box`` would let the bicubic
-    # filter read pixels outside the crop and change the border values.
-    crop = img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
-    pixels = np.asarray(crop)
-    flipped = bool(rng.random() < 0.5)
-    if flipped:
-        pixels = pixels[:, ::-1]
-    return normalize(pixels), (top, left, h, w), flipped
+    pixels, box, flipped = pretrain_crop(img, rng, size)
+    return normalize(pixels), box, flipped
 
 
 def pretrain_pixels(img: Image.Image, rng: np.random.Generator, size: int) -> np.ndarray:
-    """``pretrain_transform``'s pixels alone: the default transform of ``pretrain_batches``."""
+    """``pretrain_transform``'s pixels alone: (size, size, 3) float32 normalised."""
     return pretrain_transform(img, rng, size)[0]
 
 
@@ -273,18 +405,45 @@ def eval_transform(img: Image.Image, size: int, resize_to: int | None = None) ->
     return normalize(np.asarray(crop_center(resized, size)))
 
 
-def load_image(path: str | os.PathLike, size: int, center_crop: bool = False) -> np.ndarray:
-    """One image file as (size, size, 3) float32 normalised, for the demo and reconstructions.
+def square_image(img: Image.Image, size: int, center_crop: bool = False) -> np.ndarray:
+    """An RGB image as (size, size, 3) float32 normalised, for the demo and reconstructions.
 
     Without ``center_crop`` the image is squashed to size x size with bicubic (what the official
     demo does); with it, the shorter side goes to ``size`` and the centre is cropped.
     """
-    img = decode_rgb(path)
     if center_crop:
         img = crop_center(resize_shorter_side(img, size), size)
     else:
         img = img.resize((size, size), Image.Resampling.BICUBIC)
     return normalize(np.asarray(img))
+
+
+def load_image(path: str | os.PathLike, size: int, center_crop: bool = False) -> np.ndarray:
+    """One image file as (size, size, 3) float32 normalised (see ``square_image``)."""
+    return square_image(decode_rgb(path), size, center_crop)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation on the device
+# ----------------------------------------------------------------------------------------------
+
+
+def normalize_on_device(imgs: jax.Array) -> jax.Array:
+    """uint8 (..., 3) RGB to float32 ImageNet-normalised values, bit-equal to ``normalize``.
+
+    For the train step: batches travel to the device as uint8 (a quarter of float32's bytes) and
+    are normalised there. This is a gather from ``normalize``'s own 3 x 256 table, not the
+    arithmetic ``(x / 255 - mean) / std``: XLA rewrites a division by a constant into a
+    multiplication by its reciprocal, which rounds differently (523 of the 768 values differ by
+    up to 7e-7 on CPU), and TPU's float32 division is not correctly rounded either; the gather
+    copies the host's values exactly on every backend.
+    """
+    import jax.numpy as jnp
+
+    if imgs.dtype != jnp.uint8 or imgs.shape[-1] != 3:
+        raise ValueError(f"expected uint8 pixels (..., 3), got {imgs.dtype} {imgs.shape}")
+    table = jnp.asarray(_NORMALIZED_VALUES.reshape(-1))  # channel c's value v at 256 * c + v
+    return table[imgs.astype(jnp.int32) + jnp.arange(0, 768, 256, dtype=jnp.int32)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,6 +461,23 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([_SHUFFLE_STREAM, seed, epoch]).permutation(num_examples)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_worker_count() -> int:
+    """Loader worker processes for ``worker_count=-1``: every usable core but one, at least 1.
+
+    The core left over runs the training process, which feeds the accelerators and collects the
+    batches from shared memory.
+    """
+    return max(1, usable_cores() - 1)
+
+
 class _PretrainExample:
     """Maps a global example position to one augmented example (picklable, for grain workers).
 
@@ -312,18 +488,18 @@ class _PretrainExample:
 
     def __init__(
         self,
-        folder: ImageFolder,
+        images: ImageFolder | RecordFolder,
         img_size: int,
         seed: int,
         shard_index: int,
         shard_count: int,
         per_epoch: int,
-        transform: Transform,
+        transform: Transform | None,
+        pixels: Pixels,
     ):
+        self.images = images
         self.transform = transform
-        self.root = folder.root
-        self.paths = folder.paths
-        self.labels = folder.labels
+        self.pixels = pixels
         self.img_size = img_size
         self.seed = seed
         self.shard_index = shard_index
@@ -345,51 +521,79 @@ class _PretrainExample:
         self._init_cache()
 
     def shard(self, epoch: int) -> np.ndarray:
-        """This host's file indices for ``epoch``, in order: (len(paths) // shard_count,)."""
+        """This host's image indices for ``epoch``, in order: (len(images) // shard_count,)."""
         with self._lock:
             order = self._shards.get(epoch)
             if order is None:
-                per_shard = len(self.paths) // self.shard_count
-                perm = epoch_order(len(self.paths), self.seed, epoch)
+                per_shard = len(self.images) // self.shard_count
+                perm = epoch_order(len(self.images), self.seed, epoch)
                 order = perm[self.shard_index :: self.shard_count][:per_shard]
                 if len(self._shards) >= 2:  # keep the current and the next epoch only
                     self._shards.pop(min(self._shards))
                 self._shards[epoch] = order
             return order
 
+    def _augment(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        """Image ``index`` through the transform; DataError if it cannot be read or decoded."""
+        encoded, name = self.images.read(index)
+        if self.transform is not None:
+            return self.transform(decode_bytes(encoded, name), rng, self.img_size)
+        # Only opened, not decoded: pretrain_crop can then decode a JPEG in draft mode.
+        pixels = pretrain_crop(open_image(encoded, name), rng, self.img_size, name)[0]
+        return pixels if self.pixels == "uint8" else normalize(pixels)
+
     def __call__(self, position: int) -> dict[str, np.ndarray]:
         epoch, slot = divmod(int(position), self.per_epoch)
         order = self.shard(epoch)
-        # The slot's own file index keys the augmentation, so a file gets the same crop in an epoch
-        # whatever the number of hosts.
-        rng = np.random.default_rng([_AUGMENT_STREAM, self.seed, epoch, int(order[slot])])
         for skipped in range(len(order)):
             index = int(order[(slot + skipped) % len(order)])
+            # The slot's own file index keys the augmentation, so a file gets the same crop in an
+            # epoch whatever the number of hosts. A fresh generator per try: a file that fails to
+            # decode after its box was drawn must not shift the draws of the file replacing it.
+            rng = np.random.default_rng([_AUGMENT_STREAM, self.seed, epoch, int(order[slot])])
             try:
-                img = decode_rgb(self.paths[index])
+                pixels = self._augment(index, rng)
             except DataError as err:
                 _LOG.warning("skipping unreadable image: %s", err)
                 continue
-            pixels = self.transform(img, rng, self.img_size)
-            return dict(image=pixels, label=self.labels[index], skipped=np.int32(skipped))
+            return dict(image=pixels, label=self.images.labels[index], skipped=np.int32(skipped))
         raise DataError(
-            f"{self.root}: none of the {len(order)} images of shard {self.shard_index} "
+            f"{self.images.root}: none of the {len(order)} images of shard {self.shard_index} "
             f"of epoch {epoch} could be decoded"
         )
 
 
-class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
-    """Iterator of (epoch, dict(image=(B, H, W, 3) float32, label=(B,) int32)) pretraining batches.
+class _PretrainBatch:
+    """Maps a global batch index to a whole stacked batch (picklable): one unit of worker work.
 
-    Position, skipped-file count and resume: ``epoch`` and ``step`` name the next batch,
-    ``num_skipped`` counts unreadable files met so far (each one replaced by the next file of the
-    shard), and ``get_state()`` / ``set_state()`` save and restore all three as a JSON-able dict.
-    Call ``close()`` (or use ``with``) when done, to stop the reading threads or worker processes.
+    grain hands each worker process every worker_count-th element of the dataset before the
+    ``to_iter_dataset`` step and interleaves their outputs in order; with whole batches as
+    elements, batch k is the same whatever the number of workers.
+    """
+
+    def __init__(self, example: _PretrainExample, batch_size: int):
+        self.example = example
+        self.batch_size = batch_size
+
+    def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
+        first = int(batch_index) * self.batch_size
+        rows = [self.example(first + i) for i in range(self.batch_size)]
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
+    """Iterator of (epoch, dict(image=(B, H, W, 3), label=(B,) int32)) pretraining batches.
+
+    ``image`` is uint8 or float32 as ``pretrain_batches`` says. Position, skipped-file count and
+    resume: ``epoch`` and ``step`` name the next batch, ``num_skipped`` counts unreadable files met
+    so far (each one replaced by the next file of the shard), and ``get_state()`` /
+    ``set_state()`` save and restore all three as a JSON-able dict. Call ``close()`` (or use
+    ``with``) when done, to stop the reading threads or worker processes.
     """
 
     def __init__(
         self,
-        folder: ImageFolder,
+        images: ImageFolder | RecordFolder,
         *,
         batch_size: int,
         img_size: int,
@@ -399,9 +603,10 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
         start_epoch: int,
         end_epoch: int | None,
         read_threads: int,
-        prefetch: int,
+        prefetch_batches: int,
         worker_count: int,
-        transform: Transform = None,
+        transform: Transform | None = None,
+        pixels: Pixels = "float32",
     ):
         if batch_size < 1 or img_size < 1:
             raise ValueError(f"batch_size {batch_size} and img_size {img_size} must be positive")
@@ -409,31 +614,43 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
             raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count})")
         if seed < 0 or start_epoch < 0:
             raise ValueError(f"seed {seed} and start_epoch {start_epoch} must be >= 0")
-        self.steps_per_epoch = steps_per_epoch(len(folder), batch_size, shard_count)
+        if pixels not in ("float32", "uint8"):
+            raise ValueError(f"pixels must be 'float32' or 'uint8', got {pixels!r}")
+        if transform is not None and pixels != "float32":
+            raise ValueError(
+                "pixels='uint8' is for the default pretraining transform; "
+                "a custom transform returns its own pixels"
+            )
+        if prefetch_batches < 1 or read_threads < 0 or worker_count < -1:
+            raise ValueError(
+                f"prefetch_batches {prefetch_batches} must be >= 1, read_threads {read_threads} "
+                f">= 0 and worker_count {worker_count} >= -1 (-1: one per core but one)"
+            )
+        self.steps_per_epoch = steps_per_epoch(len(images), batch_size, shard_count)
         if self.steps_per_epoch == 0:
             raise DataError(
-                f"{folder.root}: {len(folder)} images over {shard_count} host(s) "
+                f"{images.root}: {len(images)} images over {shard_count} host(s) "
                 f"are fewer than one batch of {batch_size} per host"
             )
-        self.folder = folder
+        self.images = images
         self.batch_size = batch_size
         self.img_size = img_size
         self.seed = seed
         self.shard_index = shard_index
         self.shard_count = shard_count
         self.end_epoch = end_epoch
-        self.read_options = grain.ReadOptions(
-            num_threads=read_threads, prefetch_buffer_size=prefetch
-        )
-        self.worker_count = worker_count
+        self.read_threads = read_threads
+        self.prefetch_batches = prefetch_batches
+        self.worker_count = auto_worker_count() if worker_count == -1 else worker_count
         self._example = _PretrainExample(
-            folder,
+            images,
             img_size,
             seed,
             shard_index,
             shard_count,
             self.steps_per_epoch * batch_size,
-            transform or pretrain_pixels,
+            transform,
+            pixels,
         )
         self._iterator: Iterator[dict[str, np.ndarray]] | None = None
         self.num_skipped = 0
@@ -460,18 +677,34 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
         if stop is not None and self._next_batch >= stop:
             raise StopIteration
         per_batch = self.batch_size
-        stop_position = 2**62 if stop is None else stop * per_batch
-        dataset = (
-            grain.MapDataset.range(self._next_batch * per_batch, stop_position)
-            .map(self._example)
-            .to_iter_dataset(self.read_options)
-            .batch(per_batch, drop_remainder=True)
-        )
-        if self.worker_count > 0:
-            _allow_grain_workers()
-            dataset = dataset.mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=self.worker_count)
+        if self.worker_count == 0:
+            # Threads of this process decode examples; the buffer holds prefetch_batches batches.
+            stop_position = 2**62 if stop is None else stop * per_batch
+            read = grain.ReadOptions(
+                num_threads=self.read_threads,
+                prefetch_buffer_size=self.prefetch_batches * per_batch,
             )
+            dataset = (
+                grain.MapDataset.range(self._next_batch * per_batch, stop_position)
+                .map(self._example)
+                .to_iter_dataset(read)
+                .batch(per_batch, drop_remainder=True)
+            )
+            return iter(dataset)
+        # Each worker process builds whole batches on one core (no reading threads, which would
+        # only contend for that core) and keeps its share of the read-ahead in shared memory.
+        _allow_grain_workers()
+        per_worker = -(-self.prefetch_batches // self.worker_count)
+        dataset = (
+            grain.MapDataset.range(self._next_batch, 2**62 if stop is None else stop)
+            .map(_PretrainBatch(self._example, per_batch))
+            .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+            .mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self.worker_count, per_worker_buffer_size=per_worker
+                )
+            )
+        )
         return iter(dataset)
 
     def __next__(self) -> tuple[int, dict[str, np.ndarray]]:
@@ -503,7 +736,7 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
 
     def _fingerprint(self) -> dict[str, int]:
         return dict(
-            num_images=len(self.folder),
+            num_images=len(self.images),
             batch_size=self.batch_size,
             img_size=self.img_size,
             seed=self.seed,
@@ -536,7 +769,7 @@ def _allow_grain_workers() -> None:
 
 
 def pretrain_batches(
-    folder: ImageFolder,
+    images: ImageFolder | RecordFolder,
     *,
     batch_size: int,
     img_size: int,
@@ -545,24 +778,40 @@ def pretrain_batches(
     shard_count: int = 1,
     start_epoch: int = 0,
     end_epoch: int | None = None,
+    pixels: Pixels = "float32",
+    worker_count: int = -1,
+    prefetch_batches: int = 2,
     read_threads: int = 16,
-    prefetch: int = 500,
-    worker_count: int = 0,
     transform: Transform | None = None,
 ) -> PretrainBatches:
     """Shuffled, sharded, drop-last pretraining batches from ``start_epoch`` to ``end_epoch``.
 
-    Yields (epoch, dict(image=(batch_size, img_size, img_size, 3) float32, label=(batch_size,)
-    int32)); ``end_epoch=None`` never stops. Each epoch shuffles the whole folder with its own
-    seed, identically on every host; host ``shard_index`` of ``shard_count`` (pass
+    Yields (epoch, dict(image=(batch_size, img_size, img_size, 3), label=(batch_size,) int32));
+    ``end_epoch=None`` never stops. ``images``: an ``ImageFolder`` or a record directory's
+    ``RecordFolder`` (``open_dataset``); both give the same batches. Each epoch shuffles all images
+    with its own seed, identically on every host; host ``shard_index`` of ``shard_count`` (pass
     ``jax.process_index()`` / ``jax.process_count()``) takes every shard_count-th image of that
-    order, so hosts are disjoint. ``read_threads`` / ``prefetch`` configure grain's reading threads;
-    ``worker_count > 0`` adds that many worker processes. ``transform(img, rng, size) -> pixels``
-    replaces the pretraining augmentation (fine-tuning and linear probing pass theirs; it must be
-    picklable for worker processes: a module-level function or a functools.partial of one).
+    order, so hosts are disjoint.
+
+    ``pixels``: "uint8" yields the augmented RGB pixels as uint8, for ``normalize_on_device`` in
+    the train step (a quarter of the bytes); "float32" yields them normalised on the host, the
+    same values bit for bit.
+
+    Parallelism: ``worker_count`` worker processes each build whole batches on one core;
+    -1 (the default) is ``auto_worker_count()``, every usable core but one; 0 decodes in
+    ``read_threads`` threads of this process instead (no process start-up, 1.5-3 s per worker).
+    ``prefetch_batches``: how many finished batches may wait ahead of the consumer (rounded up to
+    a multiple of the worker count, each worker keeping its share). Host memory for them is about
+    (prefetch_batches + workers) x batch_size x img_size² x 3 bytes for uint8, 4x that for
+    float32. Batches are identical whatever the workers, threads and read-ahead.
+
+    ``transform(img, rng, size) -> pixels`` replaces the pretraining augmentation and gets a
+    decoded RGB image (fine-tuning and linear probing pass theirs; their pixels are yielded as
+    they are). With worker processes it must be picklable: a module-level function or a
+    functools.partial of one.
     """
     return PretrainBatches(
-        folder,
+        images,
         batch_size=batch_size,
         img_size=img_size,
         seed=seed,
@@ -571,9 +820,10 @@ def pretrain_batches(
         start_epoch=start_epoch,
         end_epoch=end_epoch,
         read_threads=read_threads,
-        prefetch=prefetch,
+        prefetch_batches=prefetch_batches,
         worker_count=worker_count,
         transform=transform,
+        pixels=pixels,
     )
 
 
@@ -585,9 +835,8 @@ def pretrain_batches(
 class _EvalExample:
     """Maps a padded position of this host's shard to one eval-transformed example (picklable)."""
 
-    def __init__(self, folder: ImageFolder, indices: np.ndarray, img_size: int):
-        self.paths = folder.paths
-        self.labels = folder.labels
+    def __init__(self, images: ImageFolder | RecordFolder, indices: np.ndarray, img_size: int):
+        self.images = images
         self.indices = indices
         self.img_size = img_size
 
@@ -596,18 +845,17 @@ class _EvalExample:
         if position >= len(self.indices):  # padding that keeps every host's batch count equal
             return dict(image=empty, label=np.int32(0), valid=np.bool_(False))
         index = int(self.indices[position])
+        label = self.images.labels[index]
         try:
-            img = decode_rgb(self.paths[index])
+            img = decode_bytes(*self.images.read(index))
         except DataError as err:
             _LOG.warning("skipping unreadable image: %s", err)
-            return dict(image=empty, label=self.labels[index], valid=np.bool_(False))
-        return dict(
-            image=eval_transform(img, self.img_size), label=self.labels[index], valid=np.bool_(True)
-        )
+            return dict(image=empty, label=label, valid=np.bool_(False))
+        return dict(image=eval_transform(img, self.img_size), label=label, valid=np.bool_(True))
 
 
 def eval_batches(
-    folder: ImageFolder,
+    images: ImageFolder | RecordFolder,
     *,
     batch_size: int,
     img_size: int,
@@ -615,7 +863,7 @@ def eval_batches(
     shard_count: int = 1,
     read_threads: int = 16,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every image once, in folder order, with the eval transform and fixed-size batches.
+    """Every image once, in order, with the eval transform and fixed-size batches.
 
     Yields dict(image=(B, S, S, 3) float32, label=(B,) int32, valid=(B,) bool). Host
     ``shard_index`` takes every shard_count-th image; all hosts yield the same number of batches,
@@ -625,12 +873,12 @@ def eval_batches(
         raise ValueError(f"batch_size {batch_size} and img_size {img_size} must be positive")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count})")
-    indices = np.arange(shard_index, len(folder), shard_count)
-    per_host = -(-len(folder) // shard_count)
+    indices = np.arange(shard_index, len(images), shard_count)
+    per_host = -(-len(images) // shard_count)
     num_batches = -(-per_host // batch_size)
     dataset = (
         grain.MapDataset.range(num_batches * batch_size)
-        .map(_EvalExample(folder, indices, img_size))
+        .map(_EvalExample(images, indices, img_size))
         .to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
         .batch(batch_size)
     )
