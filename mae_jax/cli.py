@@ -1,4 +1,4 @@
-"""The ``mae-jax`` command: pretrain, reconstruct, demo, export, eval.
+"""The ``mae-jax`` command: pretrain, reconstruct, demo, export, prepare-data, eval.
 
 User mistakes end in one line on stderr (``mae-jax: error: ...``) and exit status 2; no tracebacks.
 """
@@ -394,6 +394,49 @@ def _run_export(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- prepare-data
+
+
+def _add_prepare_data(sub) -> None:
+    p = sub.add_parser(
+        "prepare-data",
+        help="pack an image folder into sharded ArrayRecord files for fast reading",
+        description=(
+            "Write the images of FOLDER (one sub-folder per class, or a flat folder) into OUT as "
+            "ArrayRecord shards: each image's file bytes as they are (no re-encoding) with its "
+            "label, plus index.json and labels.npy. Any --data option accepts OUT in place of "
+            "FOLDER and gives the same batches for the same seed. OUT is written under a temporary "
+            "name and renamed when complete."
+        ),
+    )
+    p.add_argument("folder", help="the image folder to pack")
+    p.add_argument("out", help="the record directory to write")
+    p.add_argument("--shards", type=int, help="number of shard files (default: about 512 MiB each)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_prepare_data)
+
+
+def _run_prepare_data(args) -> int:
+    from mae_jax.records import write_records
+
+    if args.shards is not None and args.shards < 1:
+        raise UsageError(f"--shards must be positive, got {args.shards}")
+    index = write_records(
+        args.folder, args.out, shards=args.shards, force=args.force, progress=not args.quiet
+    )
+    print(
+        f"wrote {args.out}: {index['count']} images, {len(index['classes'])} classes, "
+        f"{len(index['shards'])} shards, {index['bytes'] / 2**20:.1f} MiB of image files"
+    )
+    if index["unreadable"]:
+        print(
+            f"warning: {index['unreadable']} file(s) are not readable images; they are stored "
+            "all the same, and the loaders skip and count them"
+        )
+    return 0
+
+
 # --------------------------------------------------------------------------- eval
 
 
@@ -408,7 +451,11 @@ def _add_eval(sub) -> None:
             "Acc@1, Acc@5 and the mean cross-entropy per image."
         ),
     )
-    p.add_argument("--data", required=True, help="validation folder (one sub-folder per class)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="validation folder (one sub-folder per class) or its record directory",
+    )
     p.add_argument("--checkpoint", required=True, help="mae-jax classifier checkpoint directory")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -429,7 +476,7 @@ def _run_eval(args) -> int:
             f"{args.checkpoint}: is an MAE (pretraining) checkpoint and has no classification "
             "head: fine-tune it first with mae-jax finetune"
         )
-    folder = data.ImageFolder(args.data)
+    folder = data.open_dataset(args.data)
     model = load_pretrained(args.checkpoint, dtype=jnp.dtype(args.dtype))
     num_classes = model.config.num_classes
     if num_classes != len(folder.classes):
@@ -459,13 +506,16 @@ def _fail(message: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mae-jax",
-        description="Masked Autoencoders in JAX: pretrain, reconstruct, demo, export, eval.",
+        description=(
+            "Masked Autoencoders in JAX: pretrain, reconstruct, demo, export, prepare-data, eval."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_pretrain(sub)
     _add_reconstruct(sub)
     _add_demo(sub)
     _add_export(sub)
+    _add_prepare_data(sub)
     _add_eval(sub)
     _add_finetune(sub, "finetune")
     _add_finetune(sub, "linprobe")
