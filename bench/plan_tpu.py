@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", required=True, help="images per chip; a list: 64,128,256")
     parser.add_argument("--remat", choices=REMATS, default="none")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    parser.add_argument(
+        "--shard-optimizer",
+        action="store_true",
+        help="ZeRO-1: each chip keeps 1/n of the AdamW state (the shard_optimizer setting)",
+    )
     args = parser.parse_args(argv)
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
@@ -110,7 +115,12 @@ def plan_one(args: argparse.Namespace, mesh, batch: int) -> dict:
 
     tpu = args.slice
     build = _accel.build_step(
-        args.preset, batch, dtype=args.dtype, remat=args.remat, mesh=mesh, concrete=False
+        args.preset,
+        batch,
+        dtype=args.dtype,
+        remat=args.remat,
+        mesh=mesh,
+        zero=args.shard_optimizer,
     )
     print(f"  per-chip batch {batch} (global {build.global_batch})", flush=True)
     start = time.monotonic()
@@ -185,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.preset} on {args.tpu}: topology {tpu.topology_name} "
         f"({tpu.chips} chips, {tpu.family.chip_config}), {tpu.family.hbm_gib:g} GiB HBM per "
-        f"chip; {args.dtype}, remat {args.remat}",
+        f"chip; {args.dtype}, remat {args.remat}, optimizer state "
+        f"{'sharded (ZeRO-1)' if args.shard_optimizer else 'replicated'}",
         flush=True,
     )
     devices = _accel.compile_only_devices(tpu)
@@ -197,14 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = [plan_one(args, mesh, batch) for batch in args.batches]
     print(
-        "\nrows for docs/tpu_plan.md (preset | slice | dtype | remat | per-chip batch | "
-        "per-chip GiB | fits | TFLOP per chip per step | compile s):"
+        "\nrows for docs/tpu_plan.md (preset | slice | dtype | remat | optimizer state | "
+        "per-chip batch | per-chip GiB | fits | TFLOP per chip per step | compile s):"
     )
     for r in rows:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else f"> HBM (used {r['oom']})"
         flops = f"{r['flops'] / 1e12:.3g}" if r.get("flops") else "-"
         print(
-            f"| {args.preset} | {args.tpu} | {args.dtype} | {args.remat} | {r['batch']} | {peak} | "
+            f"| {args.preset} | {args.tpu} | {args.dtype} | {args.remat} | "
+            f"{'ZeRO-1' if args.shard_optimizer else 'replicated'} | {r['batch']} | {peak} | "
             f"{'yes' if r['fits'] else 'no'} | {flops} | {r['seconds']:.0f} |"
         )
     return 0
