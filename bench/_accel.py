@@ -42,7 +42,6 @@ class TpuFamily:
     topology_prefix: str  # the name libtpu's topology parser takes
     chip_config: str  # megacore: the chip's 2 TensorCores form one device
     hbm_gib: float  # per chip
-    peak_bf16_tflops: float  # dense, per chip
     dims: int  # torus dimensions (3-D slices for v4/v5p, 2-D for v5e/v6e)
     cores_in_name: bool  # slice names count TensorCores (v4-8 = 4 chips), not chips
     chips_per_host: tuple[int, int, int]
@@ -50,14 +49,15 @@ class TpuFamily:
 
 # Per-chip HBM and dense bf16 peak from Google's public Cloud TPU pages (docs.cloud.google.com/tpu/
 # docs/v4, /v5e, /v5p, /v6e, "System architecture" tables): v4 32 GiB and 275 TFLOP/s; v5e 16 GiB
-# and 197 TFLOP/s; v5p 95 GiB and 459 TFLOP/s; v6e (Trillium) 32 GiB and 918 TFLOP/s. v4 and v5p
+# and 197 TFLOP/s; v5p 95 GiB and 459 TFLOP/s; v6e (Trillium) 32 GiB and 918 TFLOP/s (the peaks
+# are in PEAK_BF16_TFLOPS below, keyed by the device_kind jax reports). v4 and v5p
 # have two TensorCores per chip that JAX drives as one device (megacore); v5e and v6e have one.
 # Their slice names differ too: v4-8 and v5p-8 count TensorCores (4 chips), v5e-8 and v6e-8 chips.
 TPU_FAMILIES: dict[str, TpuFamily] = {
-    "v4": TpuFamily("v4", "v4", "megacore", 32, 275, 3, True, (2, 2, 1)),
-    "v5p": TpuFamily("v5p", "v5p", "megacore", 95, 459, 3, True, (2, 2, 1)),
-    "v5e": TpuFamily("v5e", "v5e", "default", 16, 197, 2, False, (2, 4, 1)),
-    "v6e": TpuFamily("v6e", "v6e", "default", 32, 918, 2, False, (2, 4, 1)),
+    "v4": TpuFamily("v4", "v4", "megacore", 32, 3, True, (2, 2, 1)),
+    "v5p": TpuFamily("v5p", "v5p", "megacore", 95, 3, True, (2, 2, 1)),
+    "v5e": TpuFamily("v5e", "v5e", "default", 16, 2, False, (2, 4, 1)),
+    "v6e": TpuFamily("v6e", "v6e", "default", 32, 2, False, (2, 4, 1)),
 }
 # The names users type for the same families (Cloud's accelerator types and marketing names).
 _TPU_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "trillium": "v6e", "v6": "v6e"}
@@ -151,8 +151,7 @@ def compile_only_devices(tpu: TpuSlice) -> list:
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
     ("H100", 989.0),
-    ("H200", 989.0),
-    ("GH200", 989.0),
+    ("H200", 989.0),  # also GH200
     ("A100", 312.0),
     ("TPU v4", 275.0),
     ("TPU v5 lite", 197.0),  # v5e
