@@ -8,6 +8,7 @@ Shape suffixes: N batch, H/W image size, L patches, K kept patches, T tokens, D 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -136,20 +137,80 @@ class Attention(nnx.Module):
     def __call__(self, x_NxTxD: jax.Array) -> jax.Array:
         n, t, d = x_NxTxD.shape
         h = self.num_heads
-        # Fused features are [q (all heads) | k | v], each head's dims contiguous. Heads go before
-        # tokens, (n, h, t, c): XLA:CPU runs weights @ v about 4x slower in the (n, t, h, c) layout.
-        qkv = self.qkv(x_NxTxD).reshape(n, t, 3, h, d // h).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        # (q @ k^T) * scale as the reference does, then softmax(logits) @ v computed as
-        # (exp(logits - max) @ v) / sum: the softmax normalisation is applied to the t x c output
-        # instead of the t x t weights, as torch's fused CPU attention (SDPA) does. Mathematically
-        # the same; it differs from normalise-then-multiply by about an ulp, and XLA:CPU runs it
-        # 2-4x faster (it no longer materialises the normalised weights inside the fused kernel).
-        logits = (jnp.einsum("nhqc,nhkc->nhqk", q, k) * self.scale).astype(jnp.float32)
-        unnormalized = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
-        out = jnp.einsum("nhqk,nhkc->nhqc", unnormalized.astype(v.dtype), v)
-        out = out / unnormalized.sum(axis=-1, keepdims=True).astype(out.dtype)
-        return self.proj(out.transpose(0, 2, 1, 3).reshape(n, t, d))
+        # Fused features are [q (all heads) | k | v], each head's dims contiguous.
+        qkv = self.qkv(x_NxTxD).reshape(n, t, 3, h, d // h)
+        if qkv.dtype in (jnp.bfloat16, jnp.float16) and cudnn_attention_available():
+            # The scale is bound, not passed: platform_dependent would turn it into a tracer.
+            out = jax.lax.platform_dependent(
+                qkv,
+                cuda=functools.partial(_cudnn_attention, scale=self.scale),
+                default=functools.partial(_xla_attention, scale=self.scale),
+            )
+        else:
+            out = _xla_attention(qkv, self.scale)
+        return self.proj(out)
+
+
+def _xla_attention(qkv_NxTx3xHxC: jax.Array, scale: float) -> jax.Array:
+    """softmax((q @ k^T) * scale) @ v -> [N, T, H*C], written for XLA (CPU, TPU, float32 GPU).
+
+    Heads go before tokens, (n, h, t, c): XLA:CPU runs weights @ v about 4x slower in the
+    (n, t, h, c) layout. (q @ k^T) * scale in the reference's order, the logits and the softmax
+    in float32 whatever the compute dtype, then softmax(logits) @ v computed as
+    (exp(logits - max) @ v) / sum: the normalisation is applied to the t x c output instead of
+    the t x t weights, as torch's fused CPU attention (SDPA) does. Mathematically the same; it
+    differs from normalise-then-multiply by about an ulp, and XLA:CPU runs it 2-4x faster. The
+    max only keeps exp() in range: its exact gradient is zero, so it is cut from the backward,
+    which then keeps one [N, H, T, T] float32 tensor per block instead of two.
+    """
+    n, t, _, h, c = qkv_NxTx3xHxC.shape
+    q, k, v = qkv_NxTx3xHxC.transpose(2, 0, 3, 1, 4)
+    logits = jnp.einsum("nhqc,nhkc->nhqk", q, k, preferred_element_type=jnp.float32) * scale
+    peak = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    unnormalized = jnp.exp(logits - peak)
+    out = jnp.einsum("nhqk,nhkc->nhqc", unnormalized.astype(v.dtype), v)
+    out = out / unnormalized.sum(axis=-1, keepdims=True).astype(out.dtype)
+    return out.transpose(0, 2, 1, 3).reshape(n, t, h * c)
+
+
+def _cudnn_attention(qkv_NxTx3xHxC: jax.Array, scale: float) -> jax.Array:
+    """The same attention through cuDNN's fused kernel (GPU, bfloat16/float16) -> [N, T, H*C].
+
+    jax's cuDNN training path refuses odd sequence lengths (MAE's are 1 + kept patches and
+    1 + all patches: 50, 197, 65, 257), so the tokens are padded to a multiple of 8 and the
+    padding is masked out as keys (``key_value_seq_lengths``); padded queries are dropped.
+    """
+    n, t, _, h, c = qkv_NxTx3xHxC.shape
+    padded = -(-t // 8) * 8
+    qkv = jnp.pad(qkv_NxTx3xHxC, ((0, 0), (0, padded - t), (0, 0), (0, 0), (0, 0)))
+    q, k, v = (qkv[:, :, i] for i in range(3))  # [N, T, H, C] each, cuDNN's layout
+    lengths = None if padded == t else jnp.full((n,), t, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation="cudnn",
+    )
+    return out[:, :t].reshape(n, t, h * c)
+
+
+def cudnn_attention_available() -> bool:
+    """Whether cuDNN's fused attention can be traced here (a CUDA jaxlib plugin with cuDNN).
+
+    ``jax.nn.dot_product_attention(implementation="cudnn")`` asks for the cuDNN version while it
+    traces, on any platform; without the CUDA plugin it raises, so the cuDNN branch is only
+    built where it can be.
+    """
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    try:
+        fused_attention_stablehlo.check_cudnn_version()
+    except RuntimeError:
+        return False
+    return True
 
 
 class Mlp(nnx.Module):
@@ -187,7 +248,7 @@ class Block(nnx.Module):
 
 @jax.custom_vjp
 def materialized_gradient(x: jax.Array) -> jax.Array:
-    """Identity, forward and backward; XLA computes the gradient that reaches it exactly once.
+    """Identity, forward and backward; XLA:CPU computes the gradient that reaches it exactly once.
 
     Each Block starts with it. The gradient of the residual stream is a long elementwise sum (one
     LayerNorm-backward term per later block); without a buffer boundary XLA:CPU fuses that sum
@@ -204,18 +265,36 @@ def _materialized_gradient_fwd(x):
 
 
 def _materialized_gradient_bwd(_, g):
+    # Only XLA:CPU needs the boundary. On GPU a conditional copies its predicate to the host and
+    # stalls the stream once per block, so elsewhere the gradient passes straight through. The
+    # choice is made by the platform the step is lowered for, so ahead-of-time lowering for
+    # another platform is right too.
+    return (jax.lax.platform_dependent(g, cpu=_opaque_identity, default=lambda t: t),)
+
+
+def _opaque_identity(g: jax.Array) -> jax.Array:
     # XLA:CPU drops optimization barriers, but a conditional on a value known only at run time
     # is opaque to fusion: later fusions read its result buffer instead of recomputing it. Both
     # branches give g back (the rare one, taken only when g's first element is NaN, adds 0.0,
     # which can only turn -0.0 into 0.0; branches that were identical would be folded away).
     first = g.reshape(-1)[0]
-    return (jax.lax.cond(first != first, lambda t: t + 0.0, lambda t: t, g),)
+    return jax.lax.cond(first != first, lambda t: t + 0.0, lambda t: t, g)
 
 
 materialized_gradient.defvjp(_materialized_gradient_fwd, _materialized_gradient_bwd)
 
 
 # --------------------------------------------------------------------------- the model
+
+# Activation checkpointing of each transformer block, by what the backward may keep from the
+# forward: "none" keeps everything; "block" keeps each block's input only and recomputes the
+# block in the backward (about one more forward pass); "dots" keeps the outputs of the linear
+# layers (matmuls without batch dimensions) and recomputes LayerNorm, GELU and attention.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass
@@ -253,11 +332,15 @@ class MaskedAutoencoderViT(nnx.Module):
         rngs: nnx.Rngs,
         with_decoder: bool = True,
         dtype: Dtype = jnp.float32,
+        remat: str = "none",
     ):
         c = config
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
         self.config = c
         self.with_decoder = with_decoder
         self.dtype = dtype
+        self.remat = remat
         normal = nnx.initializers.normal(0.02)
 
         self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, c.embed_dim), jnp.float32))
@@ -284,6 +367,12 @@ class MaskedAutoencoderViT(nnx.Module):
         )
         self.decoder_norm = _layer_norm(dd, c.layer_norm_eps, dtype, rngs)
         self.decoder_pred = _linear(dd, c.patch_dim, dtype, rngs)
+
+    def _run_block(self, block: Block, x_NxTxD: jax.Array) -> jax.Array:
+        if self.remat == "none":
+            return block(x_NxTxD)
+        policy = REMAT_POLICIES[self.remat]
+        return nnx.remat(lambda b, x: b(x), policy=policy)(block, x_NxTxD)
 
     # ----------------------------------------------------------------- encoder
 
@@ -324,7 +413,7 @@ class MaskedAutoencoderViT(nnx.Module):
             stages["enc_in"] = x
         outs = []
         for block in self.blocks:
-            x = block(x)
+            x = self._run_block(block, x)
             outs.append(x)
         if stages is not None:
             stages["enc_blocks"] = jnp.stack(outs)
@@ -378,7 +467,7 @@ class MaskedAutoencoderViT(nnx.Module):
             stages["dec_in"] = x
         outs = []
         for block in self.decoder_blocks:
-            x = block(x)
+            x = self._run_block(block, x)
             outs.append(x)
         x = self.decoder_norm(x)
         if stages is not None:

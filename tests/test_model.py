@@ -1,5 +1,7 @@
 """Properties of the model, masking, patch layout, position tables and initialization."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -314,3 +316,50 @@ def test_block_gradients_do_not_depend_on_the_materialization(tiny, monkeypatch)
     without = grads()
     for a, b in zip(with_barrier, without, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _loss_grads(model, imgs, noise):
+    from mae_jax import train
+
+    graphdef, params, fixed = train.split_model(model)
+    f = jax.jit(lambda p: train.loss_and_grads(graphdef, p, fixed, imgs, noise, 0.75))
+    return f(params)
+
+
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_remat_gives_the_same_loss_and_gradients(remat):
+    config = mae_jax.get_config("mae_vit_tiny_patch4")
+    imgs = _images()
+    noise = jax.random.uniform(jax.random.key(0), (2, 64))
+    plain = model_lib.MaskedAutoencoderViT(config, rngs=nnx.Rngs(0))
+    rematted = model_lib.MaskedAutoencoderViT(config, rngs=nnx.Rngs(0), remat=remat)
+    (loss_a, grads_a), (loss_b, grads_b) = (_loss_grads(m, imgs, noise) for m in (plain, rematted))
+    assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-7)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_unknown_remat_is_refused():
+    with pytest.raises(ValueError, match="remat must be one of none, block, dots, got 'all'"):
+        model_lib.MaskedAutoencoderViT(
+            mae_jax.get_config("mae_vit_tiny_patch4"), rngs=nnx.Rngs(0), remat="all"
+        )
+
+
+def test_attention_gradient_without_the_max_equals_softmax_autodiff():
+    """The max is cut from the backward: the gradient still equals autodiff through
+    ``jax.nn.softmax``, within float32 rounding (the logits and softmax are float32)."""
+    qkv = jax.random.normal(jax.random.key(0), (2, 9, 3, 2, 4)) * 3
+    cot = jax.random.normal(jax.random.key(1), (2, 9, 8))
+
+    def reference(qkv):
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+        w = jax.nn.softmax(jnp.einsum("nhqc,nhkc->nhqk", q, k) * 0.5, axis=-1)
+        return jnp.einsum("nhqk,nhkc->nhqc", w, v).transpose(0, 2, 1, 3).reshape(2, 9, 8)
+
+    ours = functools.partial(model_lib._xla_attention, scale=0.5)
+    out_a, vjp_a = jax.vjp(ours, qkv)
+    out_b, vjp_b = jax.vjp(reference, qkv)
+    np.testing.assert_allclose(out_a, out_b, rtol=2e-5, atol=1e-6)
+    grad_a, grad_b = vjp_a(cot)[0], vjp_b(cot)[0]
+    np.testing.assert_allclose(grad_a, grad_b, rtol=2e-5, atol=2e-6 * np.abs(grad_b).max())
