@@ -388,7 +388,7 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
             "data": loader.get_state(),
             "config": config.to_dict(),
         }
-        ckpts.save(step, rep, rep_opt, meta)
+        ckpts.save(step, {k: unreplicate(v) for k, v in rep.items()}, unreplicate(rep_opt), meta)
 
     def validate(epoch: int):
         if val_folder is None:
@@ -451,7 +451,9 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
                     window, t_window = [], now
                 if step % used_per_epoch == 0:
                     validate(epoch)
-                if _save_or_stop(step, total_steps, config, ckpts, save, interrupt, summary):
+                if _save_or_stop(
+                    step - 1, step, total_steps, config, ckpts, save, interrupt, summary
+                ):
                     break
     finally:
         _close_run(ckpts, bar, log, loader)

@@ -183,6 +183,24 @@ def make_pretrain_optimizer(
     return accumulate(adamw, accum_steps)
 
 
+def pretrain_direction(
+    *,
+    weight_decay: float = 0.05,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    mask: Any = pretrain_decay_mask,
+) -> optax.GradientTransformation:
+    """``make_pretrain_optimizer`` without its learning rate: the train step applies
+    ``p -= lr * direction`` with an lr it gets from the host, which is the same arithmetic as
+    optax's ``adamw`` (``p + (-lr) * direction``). ``mask`` may be a bool tree, for optimizer
+    states that hold slices of the parameters."""
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.add_decayed_weights(weight_decay, mask),
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Fine-tuning (main_finetune.py + util/lr_decay.py)
 # ----------------------------------------------------------------------------------------------

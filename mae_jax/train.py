@@ -7,8 +7,10 @@ its checkpoints; the loop with its progress bar, metrics, reconstructions and in
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -57,7 +59,12 @@ class PretrainConfig:
     weight_decay: float = 0.05
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
-    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+    # Compute dtype: auto = bfloat16 on GPU and TPU, float32 on CPU. Parameters, optimizer state,
+    # LayerNorm statistics, softmax and loss stay float32 in any case.
+    dtype: str = "auto"
+    remat: str = "none"  # activation checkpointing per block: none, block or dots (model.py)
+    shard_optimizer: bool = False  # ZeRO-1: each device keeps 1/n of the AdamW state
+    prefetch: int = 2  # optimizer steps of images sent to the devices ahead of the step
     seed: int = 0
     max_steps: int | None = None  # stop after this many micro-steps (a short run), else all epochs
     log_every: int = 20  # micro-steps between metric lines
@@ -153,55 +160,230 @@ def device_grads(
     num_patches: int,
 ) -> tuple[jax.Array, nnx.State]:
     """Loss and gradients of one device's shard with its own masks, averaged over all devices."""
+    loss, grads = _local_loss_and_grads(
+        params, fixed, imgs_NxHxWxC, key, step, graphdef, mask_ratio, num_patches
+    )
+    return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS)
+
+
+def _local_loss_and_grads(
+    params, fixed, imgs_NxHxWxC, key, step, graphdef, mask_ratio, num_patches
+):
+    """This device's loss and gradients for micro-step ``step``, masks from its own key."""
     device_key = masking.step_device_key(key, step, AXIS)
     noise = masking.random_noise(device_key, imgs_NxHxWxC.shape[0], num_patches)
-    loss, grads = loss_and_grads(graphdef, params, fixed, imgs_NxHxWxC, noise, mask_ratio)
-    return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS)
+    return loss_and_grads(graphdef, params, fixed, imgs_NxHxWxC, noise, mask_ratio)
+
+
+def to_model_input(imgs: jax.Array) -> jax.Array:
+    """Batches arrive as uint8 pixels (a quarter of float32's bytes) and are normalized here, on
+    the device; float batches are taken as already normalized."""
+    if imgs.dtype == jnp.uint8:
+        from mae_jax.data import normalize_on_device
+
+        return normalize_on_device(imgs)
+    return imgs
 
 
 def train_step(
     params: nnx.State,
     opt_state: optax.OptState,
     fixed: nnx.State,
-    imgs_NxHxWxC: jax.Array,
+    imgs_AxNxHxWxC: jax.Array,
     key: jax.Array,
     step: jax.Array,
+    lr: jax.Array,
     *,
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     mask_ratio: float,
     num_patches: int,
+    shards: OptimizerShards | None = None,
 ) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
-    """One micro-step on one device: averaged gradients, then the optimizer update."""
-    loss, grads = device_grads(
-        params,
-        fixed,
-        imgs_NxHxWxC,
-        key,
-        step,
+    """One optimizer step on one device, over ``A = accum_iter`` micro-batches [A, N, H, W, C].
+
+    The micro-batches' gradients are summed on the device; then one all-reduce (or, with
+    ``shards``, one reduce-scatter and one all-gather) and one update: ``p -= lr * tx(grads)``.
+    ``tx`` is the optimizer without its learning rate (``optim.pretrain_direction``); ``lr`` comes
+    from the host. Micro-batch i draws its masks for micro-step ``step + i``.
+    """
+    accum = imgs_AxNxHxWxC.shape[0]
+    args = (graphdef, mask_ratio, num_patches)
+    if accum == 1:
+        loss, grads = _local_loss_and_grads(
+            params, fixed, to_model_input(imgs_AxNxHxWxC[0]), key, step, *args
+        )
+    else:
+
+        def micro(carry, i_imgs):
+            i, imgs = i_imgs
+            loss_i, grads_i = _local_loss_and_grads(
+                params, fixed, to_model_input(imgs), key, step + i, *args
+            )
+            return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), imgs_AxNxHxWxC))
+        loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+    loss = jax.lax.pmean(loss, AXIS)
+    if shards is None:
+        grads = jax.lax.pmean(grads, AXIS)
+        direction, opt_state = tx.update(grads, opt_state, params)
+        params = jax.tree.map(lambda p, d: p - lr * d, params, direction)
+        grad_norm = optax.tree.norm(grads)
+    else:
+        grad_shards = shards.reduce_scatter_mean(grads)
+        param_shards = shards.local_shards(params)
+        direction, opt_state = tx.update(grad_shards, opt_state, param_shards)
+        params = shards.all_gather(
+            jax.tree.map(lambda p, d: p - lr * d, param_shards, direction), params
+        )
+        grad_norm = jnp.sqrt(jax.lax.psum(optax.tree.norm(grad_shards, squared=True), AXIS))
+    return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
+
+
+class OptimizerShards:
+    """ZeRO-1 inside the pmap: each of the n devices keeps and updates 1/n of the optimizer state.
+
+    Every parameter is flattened and zero-padded to n * k values; device d owns values
+    [d*k, (d+1)*k). In the step, gradients are reduce-scattered (each device receives the mean
+    of its slice), the optimizer updates the slice, and the updated slices are all-gathered into
+    the full parameters, which stay replicated. On the host, ``shard``/``unshard`` convert the
+    optimizer state between this layout (leading device axis, one slice per device) and the
+    full state that checkpoints hold, so a run can resume with either layout.
+    """
+
+    def __init__(self, params: nnx.State, n: int):
+        self.n = n
+        self.shapes = jax.tree.map(lambda p: tuple(np.shape(p)), params)
+
+    def _slice_len(self, shape: tuple[int, ...]) -> int:
+        return -(-math.prod(shape) // self.n)
+
+    def template(self) -> Any:
+        """Zero slices, shaped as one device's share of every parameter (for ``tx.init``)."""
+        return jax.tree.map(
+            lambda shape: np.zeros(self._slice_len(shape), np.float32),
+            self.shapes,
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
+
+    def _padded_flat(self, x: jax.Array) -> jax.Array:
+        flat = x.reshape(-1)
+        return jnp.pad(flat, (0, self.n * self._slice_len(x.shape) - flat.size))
+
+    # -- inside the step (collectives over AXIS)
+
+    def reduce_scatter_mean(self, grads: nnx.State) -> nnx.State:
+        def scatter(g):
+            return jax.lax.psum_scatter(self._padded_flat(g), AXIS, tiled=True) / self.n
+
+        return jax.tree.map(scatter, grads)
+
+    def local_shards(self, params: nnx.State) -> nnx.State:
+        index = jax.lax.axis_index(AXIS)
+
+        def take(p):
+            k = self._slice_len(p.shape)
+            return jax.lax.dynamic_slice(self._padded_flat(p), (index * k,), (k,))
+
+        return jax.tree.map(take, params)
+
+    def all_gather(self, new_shards: nnx.State, like: nnx.State) -> nnx.State:
+        def gather(s, p):
+            full = jax.lax.all_gather(s, AXIS, tiled=True)
+            return full[: p.size].reshape(p.shape).astype(p.dtype)
+
+        return jax.tree.map(gather, new_shards, like)
+
+    # -- on the host
+
+    def shard(self, full_state: Any, sharded_like: Any) -> Any:
+        """Full optimizer state -> [n, ...] per-device leaves (slices, or copies of scalars)."""
+
+        def split(full, like):
+            full = np.asarray(full)
+            if full.shape == np.shape(like):  # not parameter-shaped (the step count): copy it
+                return np.broadcast_to(full, (self.n, *full.shape)).copy()
+            k = np.shape(like)[0]
+            flat = np.zeros(self.n * k, full.dtype)
+            flat[: full.size] = full.reshape(-1)
+            return flat.reshape(self.n, k)
+
+        return jax.tree.map(split, full_state, sharded_like)
+
+    def unshard(self, device_state: Any, full_like: Any) -> Any:
+        """[n, ...] per-device leaves -> the full optimizer state, as host arrays."""
+
+        def join(dev, full):
+            dev = np.asarray(dev)
+            if dev.shape[1:] == np.shape(full):
+                return dev[0]
+            return dev.reshape(-1)[: np.size(full)].reshape(np.shape(full))
+
+        return jax.tree.map(join, device_state, full_like)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    mask_ratio: float,
+    num_patches: int,
+    shards: OptimizerShards | None = None,
+) -> Callable:
+    """The pure per-device step, its static settings bound; collectives over ``AXIS``."""
+    return functools.partial(
+        train_step,
         graphdef=graphdef,
+        tx=tx,
         mask_ratio=mask_ratio,
         num_patches=num_patches,
+        shards=shards,
     )
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def make_p_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mask_ratio: float, num_patches: int
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    mask_ratio: float,
+    num_patches: int,
+    shards: OptimizerShards | None = None,
 ) -> Callable:
     """``train_step`` over every local device: the only ``jax.pmap`` of training.
 
-    Arguments: replicated params, opt_state and fixed tables (leading device axis), images split
-    on axis 0, then the base key and the micro-step, shared by all devices.
+    Arguments: params and fixed tables replicated (leading device axis), the optimizer state
+    replicated or, with ``shards``, one slice per device; images [devices, A, N, H, W, C]; then
+    the base key, the micro-step and the lr, shared by all devices.
     """
-    step_fn = functools.partial(
-        train_step, graphdef=graphdef, tx=tx, mask_ratio=mask_ratio, num_patches=num_patches
+    step_fn = make_train_step(
+        graphdef, tx, mask_ratio=mask_ratio, num_patches=num_patches, shards=shards
     )
     return jax.pmap(
-        step_fn, axis_name=AXIS, in_axes=(0, 0, 0, 0, None, None), donate_argnums=(0, 1)
+        step_fn, axis_name=AXIS, in_axes=(0, 0, 0, 0, None, None, None), donate_argnums=(0, 1)
     )
+
+
+def make_sharded_train_step(step_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+    """``step_fn`` (from ``make_train_step``) under ``jax.shard_map`` on ``mesh``, whose one axis
+    is ``AXIS``, in pmap's layout: state and images with a leading device axis, the key, the
+    micro-step and the lr shared. Training runs the pmap; this form compiles ahead of time for
+    devices that are not attached (``bench/plan_tpu.py``) and lowers for other platforms."""
+    spec, shared = jax.sharding.PartitionSpec(AXIS), jax.sharding.PartitionSpec()
+
+    def per_device(params, opt_state, fixed, imgs, key, step, lr):
+        squeeze = functools.partial(jax.tree.map, lambda x: x[0])
+        out = step_fn(*squeeze((params, opt_state, fixed, imgs)), key, step, lr)
+        return jax.tree.map(lambda x: x[None], out)
+
+    mapped = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(spec, spec, spec, spec, shared, shared, shared),
+        out_specs=spec,
+        check_vma=False,
+    )
+    return jax.jit(mapped, donate_argnums=(0, 1))
 
 
 def replicate(tree: Any, n: int) -> Any:
@@ -272,14 +454,14 @@ class Checkpoints:
     def save(
         self, step: int, states: dict[str, nnx.State], opt_state: Any, meta: dict[str, Any]
     ) -> None:
-        """Save replicated ``states`` and ``opt_state`` (device 0's copy) as ``step``."""
+        """Save host copies of ``states`` and ``opt_state`` (see ``unreplicate``) as ``step``."""
         ocp = self._ocp
-        model_tree = {k: nnx.to_pure_dict(unreplicate(v)) for k, v in states.items()}
+        model_tree = {k: nnx.to_pure_dict(v) for k, v in states.items()}
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 model=ocp.args.StandardSave(model_tree),
-                opt_state=ocp.args.StandardSave(_flat_leaves(unreplicate(opt_state))),
+                opt_state=ocp.args.StandardSave(_flat_leaves(opt_state)),
                 meta=ocp.args.JsonSave(meta),
             ),
         )
@@ -355,10 +537,11 @@ class _Interrupt:
             signal.signal(sig, handler)
 
 
-def _save_or_stop(step, total_steps, config, ckpts, save, interrupt, summary) -> bool:
-    """The end of a training step: save every ``ckpt_every`` steps and at the last one; after a
-    signal, save (unless this step was just saved), record it in ``summary`` and return True."""
-    if step % config.ckpt_every == 0 or step == total_steps:
+def _save_or_stop(previous, step, total_steps, config, ckpts, save, interrupt, summary) -> bool:
+    """The end of a training step that moved from micro-step ``previous`` to ``step``: save when
+    it crossed a multiple of ``ckpt_every`` and at the last step; after a signal, save (unless
+    this step was just saved), record it in ``summary`` and return True."""
+    if _crossed(previous, step, config.ckpt_every) or step == total_steps:
         save()
     if interrupt.signal is None:
         return False
@@ -406,6 +589,67 @@ def _write_reconstructions(model, imgs, workdir: Path, step: int, seed: int, mas
     visualize.save_png(figure, workdir / "reconstructions" / f"step_{step:08d}.png")
 
 
+def compute_dtype(name: str, platform: str | None = None) -> Any:
+    """The compute dtype of a ``dtype`` setting: "auto" is bfloat16 on GPU and TPU, float32 on
+    CPU (where the golden tests and parity checks run, and bfloat16 matmuls are slow)."""
+    if name == "auto":
+        name = "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(name)
+    if dtype is None:
+        raise TrainingError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
+    return dtype
+
+
+@dataclasses.dataclass
+class DeviceBatch:
+    """One optimizer step's images on the devices, and where the loader stood after them."""
+
+    epoch: int
+    images: jax.Array  # [devices, accum_iter, per-device batch, H, W, C], uint8
+    data_state: dict[str, Any]
+    skipped_images: int
+
+
+def device_batches(loader, *, used_per_epoch: int, accum_iter: int, ahead: int):
+    """DeviceBatch after DeviceBatch, ``ahead`` of them already sent to the local devices.
+
+    ``device_put`` returns at once and copies in the background, so while a step runs the next
+    ``ahead`` batches travel to the devices. Left-over micro-batches at the end of an epoch
+    (fewer than ``accum_iter``) are read and dropped, as the lr schedule expects.
+    """
+    n_dev = jax.local_device_count()
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+    def produce():
+        while True:
+            group = []
+            while len(group) < accum_iter:
+                if loader.step >= used_per_epoch:
+                    next(loader)
+                    continue
+                epoch, batch = next(loader)
+                group.append(shard_batch(batch["image"], n_dev))
+            images = jax.device_put(np.stack(group, axis=1), sharding)
+            yield DeviceBatch(epoch, images, loader.get_state(), loader.num_skipped)
+
+    source = produce()
+    queue = collections.deque(itertools.islice(source, ahead))
+    while True:
+        queue.append(next(source))
+        yield queue.popleft()
+
+
+# Device-to-host transfers allowed between two sync points (log, save, figure, interrupt):
+# "allow" in use; the tests set "disallow_explicit" to prove the steady state never waits.
+STEADY_STATE_TRANSFER_GUARD = "allow"
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of ``every`` lies in (before, after]: steps advance by accum_iter."""
+    return every > 0 and after // every > before // every
+
+
 def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
     """Run (or resume) pretraining in ``workdir``; returns a summary of the run."""
     from mae_jax import data as data_lib
@@ -413,10 +657,13 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model_config = config.model_config()
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
-    if dtype is None:
-        raise TrainingError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
+    dtype = compute_dtype(config.dtype)
     _check_saved_config(workdir, config)
+    if config.shard_optimizer and jax.process_count() > 1:
+        raise TrainingError(
+            "shard_optimizer=true runs on one host for now: its checkpoints gather the optimizer "
+            "slices of the local devices only"
+        )
 
     # ---- data: this host's shard, batches of batch_size * local devices
     n_dev = jax.local_device_count()
@@ -436,17 +683,24 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         shard_count=jax.process_count(),
         read_threads=config.read_threads,
         worker_count=config.worker_count,
+        pixels="uint8",
     )
     # ---- model and optimizer
     global_batch = host_batch * jax.process_count()
     plan = plan_steps(config, loader.steps_per_epoch, global_batch)
-    schedule, used_per_epoch, total_steps = plan.schedule, plan.used_per_epoch, plan.total_steps
-    tx = optim.make_pretrain_optimizer(
-        schedule, weight_decay=config.weight_decay, accum_steps=config.accum_iter
+    accum = config.accum_iter
+    # Whole optimizer steps only (max_steps is rounded up to one).
+    total_steps = -(-plan.total_steps // accum) * accum
+    # The lr of every optimizer step, computed once: the loop then never waits for the device.
+    lr_table = np.asarray(jax.jit(plan.schedule)(np.arange(total_steps // accum)))
+    model = MaskedAutoencoderViT(
+        model_config, rngs=nnx.Rngs(config.seed), dtype=dtype, remat=config.remat
     )
-    model = MaskedAutoencoderViT(model_config, rngs=nnx.Rngs(config.seed), dtype=dtype)
     graphdef, params, fixed = split_model(model)
-    opt_state = tx.init(params)
+    decay_mask = optim.pretrain_decay_mask(params)
+    tx = optim.pretrain_direction(weight_decay=config.weight_decay, mask=decay_mask)
+    opt_state = tx.init(params)  # the full state, as checkpoints hold it
+    shards = OptimizerShards(params, n_dev) if config.shard_optimizer else None
 
     # ---- restore
     ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -458,17 +712,23 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         step = int(meta["step"])
         if jax.process_index() == 0:
             print(f"resuming from {workdir / 'checkpoints'} at step {step} (epoch {loader.epoch})")
+    full_opt_like = jax.tree.map(np.asarray, opt_state)
+    if shards is None:
+        device_opt = replicate(opt_state, n_dev)
+    else:
+        device_opt = shards.shard(opt_state, tx.init(shards.template()))
     state = TrainState(
-        graphdef,
-        replicate(params, n_dev),
-        replicate(fixed, n_dev),
-        replicate(opt_state, n_dev),
-        step,
+        graphdef, replicate(params, n_dev), replicate(fixed, n_dev), device_opt, step
     )
     # The replicas are the state from here on: free the host copies (1.3 GB for ViT-B).
-    del model, params, fixed, opt_state
-    p_train_step = make_p_train_step(graphdef, tx, config.mask_ratio, model_config.num_patches)
+    del model, params, fixed, opt_state, device_opt
+    p_train_step = make_p_train_step(
+        graphdef, tx, config.mask_ratio, model_config.num_patches, shards
+    )
     base_key = jax.random.key(config.seed)
+    batches = device_batches(
+        loader, used_per_epoch=plan.used_per_epoch, accum_iter=accum, ahead=config.prefetch
+    )
 
     # ---- observability (the first host writes logs and figures; every host writes checkpoints)
     is_main = jax.process_index() == 0
@@ -479,10 +739,24 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         else None
     )
     bar = _progress(progress and is_main, total_steps, step)
-    window: list[float] = []
-    norms: list[float] = []
+    # Metrics stay on the devices until they are read at a log step or before a save.
+    pending: list[tuple[int, int, float, dict[str, jax.Array]]] = []
     t_window = time.perf_counter()
     summary = {"start_step": step, "interrupted": None}
+    last = DeviceBatch(loader.epoch, None, loader.get_state(), loader.num_skipped)
+
+    def read_metrics() -> list[dict[str, float]]:
+        """Fetch the pending metrics; stop the run (before anything is saved) if one is not
+        finite: the last checkpoint then stays the last good one."""
+        rows = []
+        for (step_, epoch, lr, _), values in zip(
+            pending, jax.device_get([m for *_, m in pending]), strict=True
+        ):
+            loss, grad_norm = float(values["loss"][0]), float(values["grad_norm"][0])
+            check_finite(loss, grad_norm, step_, epoch, ckpts)
+            rows.append({"loss": loss, "grad_norm": grad_norm, "lr": lr, "epoch": epoch})
+        pending.clear()
+        return rows
 
     def write_figure():
         model = nnx.merge(graphdef, unreplicate(state.params), unreplicate(state.fixed))
@@ -491,63 +765,75 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         )
 
     def save():
+        window.extend(read_metrics())
         meta = {
             "step": state.step,
-            "epoch": loader.epoch,
-            "data": loader.get_state(),
+            "epoch": last.epoch,
+            "data": last.data_state,
             "seed": config.seed,
             "config": config.to_dict(),
         }
+        if shards is None:
+            opt_host = unreplicate(state.opt_state)
+        else:
+            opt_host = shards.unshard(state.opt_state, full_opt_like)
         ckpts.save(
-            state.step, {"params": state.params, "fixed": state.fixed}, state.opt_state, meta
+            state.step,
+            {"params": unreplicate(state.params), "fixed": unreplicate(state.fixed)},
+            opt_host,
+            meta,
         )
 
+    window: list[dict[str, float]] = []
     try:
         with _Interrupt() as interrupt:
             while state.step < total_steps:
-                if loader.step >= used_per_epoch:
-                    next(loader)
-                    continue
-                epoch, batch = next(loader)
-                lr = float(schedule(state.step // config.accum_iter))  # this update's lr
-                imgs = shard_batch(batch["image"], n_dev)
-                new_params, new_opt, metrics = p_train_step(
-                    state.params, state.opt_state, state.fixed, imgs, base_key, state.step
-                )
-                loss = float(metrics["loss"][0])
-                grad_norm = float(metrics["grad_norm"][0])
-                # Nothing is saved after a non-finite step: the last checkpoint stays the last good one.
-                check_finite(loss, grad_norm, state.step, epoch, ckpts)
-                state.params, state.opt_state = new_params, new_opt
-                state.step += 1
-                window.append(loss)
-                norms.append(grad_norm)
-                bar.update(1)
-                if state.step % config.log_every == 0 or state.step == total_steps:
+                before = state.step
+                with jax.transfer_guard_device_to_host(STEADY_STATE_TRANSFER_GUARD):
+                    batch = next(batches)
+                    lr = lr_table[before // accum]
+                    state.params, state.opt_state, metrics = p_train_step(
+                        state.params,
+                        state.opt_state,
+                        state.fixed,
+                        batch.images,
+                        base_key,
+                        before,
+                        lr,
+                    )
+                    state.step += accum
+                    last = batch
+                    pending.append((before, batch.epoch, float(lr), metrics))
+                    bar.update(accum)
+                final = state.step >= total_steps
+                if _crossed(before, state.step, config.log_every) or final:
+                    window.extend(read_metrics())
                     now = time.perf_counter()
                     record = {
                         "step": state.step,
-                        "epoch": epoch,
-                        "loss": float(np.mean(window)),
-                        "grad_norm": float(np.mean(norms)),
-                        "lr": lr,
-                        "images_per_s": len(window) * global_batch / (now - t_window),
-                        "skipped_images": loader.num_skipped,
+                        "epoch": batch.epoch,
+                        "loss": float(np.mean([r["loss"] for r in window])),
+                        "grad_norm": float(np.mean([r["grad_norm"] for r in window])),
+                        "lr": window[-1]["lr"],
+                        "images_per_s": len(window) * accum * global_batch / (now - t_window),
+                        "skipped_images": batch.skipped_images,
                     }
                     metrics_log.write(record)
                     bar.set_postfix(
                         loss=f"{record['loss']:.4f}",
-                        lr=f"{lr:.2e}",
+                        lr=f"{record['lr']:.2e}",
                         img_s=f"{record['images_per_s']:.1f}",
                     )
-                    window, norms, t_window = [], [], now
-                if recon_imgs is not None and state.step % config.recon_every == 0:
+                    window, t_window = [], now
+                if recon_imgs is not None and _crossed(before, state.step, config.recon_every):
                     write_figure()
-                if _save_or_stop(state.step, total_steps, config, ckpts, save, interrupt, summary):
+                if _save_or_stop(
+                    before, state.step, total_steps, config, ckpts, save, interrupt, summary
+                ):
                     break
     finally:
         _close_run(ckpts, bar, metrics_log, loader)
-    summary.update(end_step=state.step, total_steps=total_steps, skipped_images=loader.num_skipped)
+    summary.update(end_step=state.step, total_steps=total_steps, skipped_images=last.skipped_images)
     if recon_imgs is not None and summary["interrupted"] is None:
         write_figure()
     return summary
@@ -641,6 +927,9 @@ def _check_saved_config(workdir: Path, config: PretrainConfig) -> None:
             "recon_every",
             "read_threads",
             "worker_count",
+            "prefetch",
+            "remat",
+            "shard_optimizer",
         }
         diffs = [
             f"{k}: {saved.get(k)!r} -> {v!r}"
