@@ -78,6 +78,38 @@ def print_summary(title: str, rows: list[tuple[str, str, str]]) -> None:
     for label, value, note in rows:
         print(f"  {label:<{label_width}}  {value:>{value_width}}  {note}".rstrip())
     print(f"  machine: {machine_line()}")
+    print(f"  {calibration_line()}")
+
+
+def calibration_line(n: int = 1024, reps: int = 7) -> str:
+    """GFLOP/s of one float32 n x n matmul in XLA (jit) and in torch, alternating, in this run.
+
+    CPUs of the same kind differ up to 2x in speed; this line lets ratios measured on different
+    machines (or under different load) be compared.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    a_j, b_j = jnp.asarray(a), jnp.asarray(b)
+    a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
+    matmul = jax.jit(jnp.matmul)
+    times = interleaved_times(
+        {
+            "xla": lambda: matmul(a_j, b_j).block_until_ready(),
+            "torch": lambda: torch.matmul(a_t, b_t),
+        },
+        reps=reps,
+    )
+    flops = 2 * n**3
+    xla, tch = (flops / statistics.median(times[k]) / 1e9 for k in ("xla", "torch"))
+    return (
+        f"matmul calibration (float32 {n}x{n} @ {n}x{n}, median of {reps}): "
+        f"XLA {xla:.0f} GFLOP/s, torch {tch:.0f} GFLOP/s ({torch.get_num_threads()} threads)"
+    )
 
 
 def hf_pretraining_model(state_dict, config, *, attn: str, mask_ratio: float, dtype=None):

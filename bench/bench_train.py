@@ -92,14 +92,17 @@ def jax_setup(config, dtype_name: str, lr: float, seed: int = 0):
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
     model = mae_jax.create_model(config, rngs=nnx.Rngs(seed), dtype=dtype)
     graphdef, params, fixed = train.split_model(model)
-    tx = optim.make_pretrain_optimizer(lr, weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1])
+    # The step takes the lr as an argument (JaxTrainer passes it), as train.pretrain does.
+    tx = optim.pretrain_direction(weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1])
     return model, graphdef, params, fixed, tx, tx.init(params)
 
 
 class JaxTrainer:
     """The real ``make_p_train_step`` over the local device(s), state threaded from step to step."""
 
-    def __init__(self, graphdef, params, fixed, tx, opt_state, num_patches: int, seed: int = 0):
+    def __init__(
+        self, graphdef, params, fixed, tx, opt_state, num_patches: int, lr: float, seed: int = 0
+    ):
         import jax
 
         from mae_jax import train
@@ -110,13 +113,16 @@ class JaxTrainer:
         self.fixed = train.replicate(fixed, self.n_dev)
         self.p_step = train.make_p_train_step(graphdef, tx, MASK_RATIO, num_patches)
         self.key = jax.random.key(seed)
+        self.lr = np.float32(lr)
         self.step_count = 0
 
     def _args(self, imgs_NxHxWxC: np.ndarray) -> tuple:
         from mae_jax import train
 
-        batch = train.shard_batch(imgs_NxHxWxC, self.n_dev)
-        return self.params, self.opt_state, self.fixed, batch, self.key, self.step_count
+        # [devices, 1 micro-batch, b, H, W, C]; float images are taken as normalised already.
+        batch = train.shard_batch(imgs_NxHxWxC, self.n_dev)[:, None]
+        step = np.int32(self.step_count)
+        return self.params, self.opt_state, self.fixed, batch, self.key, step, self.lr
 
     def compile(self, imgs_NxHxWxC: np.ndarray) -> dict[str, float]:
         """Compile the step ahead of time (later steps use it); XLA's memory plan in MiB."""
@@ -246,7 +252,7 @@ def memory_child(args: argparse.Namespace) -> int:
         import jax
 
         model, graphdef, params, fixed, tx, opt_state = jax_setup(config, args.dtype, lr)
-        trainer = JaxTrainer(graphdef, params, fixed, tx, opt_state, config.num_patches)
+        trainer = JaxTrainer(graphdef, params, fixed, tx, opt_state, config.num_patches, lr)
         # train.pretrain() keeps its unreplicated params and opt_state alive through the loop;
         # the step itself does not need them.
         host_bytes = sum(x.nbytes for x in jax.tree.leaves((params, fixed, opt_state)))
@@ -420,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     # Timed before any torch model exists: in a process that also runs torch steps the JAX step
     # is slower and far more variable (see the README), so this is what a JAX-only training
     # process sees. The trainer works on its own replicated copies of the state.
-    alone = JaxTrainer(graphdef, params, fixed, tx, opt_state, config.num_patches)
+    alone = JaxTrainer(graphdef, params, fixed, tx, opt_state, config.num_patches, lr)
     alone.step(imgs)  # compiles
     alone_times = _common.interleaved_times(
         {"jax alone": functools.partial(alone.step, imgs)}, reps=args.reps
@@ -474,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     # ---------------------------------------------------------------- 2. time per step
-    trainer = JaxTrainer(graphdef, params, fixed, tx, opt_state, config.num_patches)
+    trainer = JaxTrainer(graphdef, params, fixed, tx, opt_state, config.num_patches, lr)
     start = time.perf_counter()
     first_metrics = trainer.step(imgs)
     compile_s = time.perf_counter() - start
@@ -617,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, value, note in rows:
         print(f"  {label:<36} {value:>16}  {note}")
     print(f"  machine: {_common.machine_line()}")
+    print(f"  {_common.calibration_line()}")
     return 0
 
 

@@ -52,7 +52,11 @@ def _add_run_arguments(p) -> None:
         metavar="KEY=VALUE",
         help="override one setting, e.g. --set epochs=400 --set batch_size=32 (repeatable)",
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        help="compute dtype (auto, the default: bfloat16 on GPU and TPU, float32 on CPU)",
+    )
     p.add_argument(
         "--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)"
     )

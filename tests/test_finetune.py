@@ -59,6 +59,7 @@ def _config(mode, task, init, **kw):
         warmup_epochs=1,
         log_every=4,
         read_threads=2,
+        worker_count=0,
         auto_augment="",
         reprob=0.0,
         mixup=0.0,
@@ -244,7 +245,7 @@ def test_head_of_another_size_needs_reset_head(task, classifier_init, tmp_path, 
         Image.new("RGB", (40, 40), name).save(three / name / "0.png")
     argv = ["finetune", "--data", str(three), "--init", str(ckpt), "--preset", "vit_tiny_patch4"]
     argv += ["--workdir", str(tmp_path / "run"), "--quiet", "--set", "max_steps=1"]
-    argv += ["--set", "batch_size=1", "--set", "read_threads=1"]
+    argv += ["--set", "batch_size=1", "--set", "read_threads=1", "--set", "worker_count=0"]
     code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == 2

@@ -54,7 +54,9 @@ def test_two_processes_train_together(tmp_path):
     workdir = tmp_path / "run"
     argv = ["pretrain", "--data", str(data), "--preset", "mae_vit_tiny_patch4"]
     argv += ["--workdir", str(workdir), "--quiet"]
-    argv += _settings(batch_size=1, max_steps=4, log_every=1, recon_every=0, ckpt_every=2)
+    argv += _settings(
+        batch_size=1, max_steps=4, log_every=1, recon_every=0, ckpt_every=2, worker_count=0
+    )
     _two_hosts(argv)
     # one metrics line per step, written by the first host only; 16 images / (2 hosts x 2) = 4 steps per epoch
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -84,7 +86,9 @@ def test_two_processes_validate_their_shares_and_agree(tmp_path):
     workdir = tmp_path / "ft"
     argv = ["finetune", "--data", str(train), "--val", str(val), "--init", str(init)]
     argv += ["--preset", "vit_tiny_patch4", "--workdir", str(workdir), "--quiet"]
-    argv += _settings(batch_size=1, epochs=1, warmup_epochs=0, lr=0.01, read_threads=2)
+    argv += _settings(
+        batch_size=1, epochs=1, warmup_epochs=0, lr=0.01, read_threads=2, worker_count=0
+    )
     argv += _settings(auto_augment="", reprob=0, mixup=0, cutmix=0)
     _two_hosts(argv)
 
