@@ -49,6 +49,8 @@ from mae_jax.train import (
     _save_or_stop,
     apply_overrides,
     check_finite,
+    compute_dtype,
+    model_from_preset,
     plan_steps,
     replicate,
     shard_batch,
@@ -94,13 +96,16 @@ class FinetuneConfig:
     reprob: float = 0.25
     global_pool: bool | None = None
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 on GPU and TPU, float32 on CPU (as pretraining)
     max_steps: int | None = None
     log_every: int = 20
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
     read_threads: int = 16
-    worker_count: int = 0
+    worker_count: int = -1  # loader processes; -1: one per core but one; 0: threads only
+    # The preset's sizes changed (`--set model.KEY=VALUE`, ViTConfig fields). With --init, the
+    # encoder's sizes and head count come from the checkpoint unless set here.
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def resolved(self) -> FinetuneConfig:
         """The config with every ``None`` recipe field filled in."""
@@ -139,7 +144,7 @@ class FinetuneConfig:
         return cls(**d)
 
     def with_overrides(self, assignments: list[str]) -> FinetuneConfig:
-        return apply_overrides(self, assignments)
+        return apply_overrides(self, assignments, get_vit_config("vit_base_patch16"))
 
 
 # --------------------------------------------------------------------------- models
@@ -230,22 +235,35 @@ def make_p_classify_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformatio
 
 # --------------------------------------------------------------------------- the run
 
+# The encoder's sizes, which a classifier started from a checkpoint takes from it.
+ENCODER_FIELDS = (
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "layer_norm_eps",
+)
+
 
 def build_model(config: FinetuneConfig, num_classes: int, dtype) -> nnx.Module:
     """The classifier (or probe) to train, started from ``config.init`` when given."""
     from mae_jax import load_pretrained
 
-    vit_config = get_vit_config(
-        config.preset,
-        num_classes=num_classes,
-        global_pool=config.global_pool,
-        drop_path_rate=config.drop_path,
-        **({"img_size": config.img_size} if config.img_size else {}),
+    overrides: dict[str, Any] = dict(
+        num_classes=num_classes, global_pool=config.global_pool, drop_path_rate=config.drop_path
     )
+    if config.img_size:
+        overrides["img_size"] = config.img_size
+    source = load_pretrained(config.init) if config.init else None
+    if source is not None:
+        # The encoder is the checkpoint's: its sizes, unless the run sets them (then checked).
+        overrides |= {k: getattr(source.config, k) for k in ENCODER_FIELDS}
+    vit_config = model_from_preset(get_vit_config, config.preset, overrides | config.model)
     head_std = 2e-5 if config.mode == "finetune" else 0.01
     rngs = nnx.Rngs(config.seed)
-    if config.init:
-        source = load_pretrained(config.init)
+    if source is not None:
         if isinstance(source, VisionTransformer):  # continue from a classifier
             vit = init_classifier_from_classifier(
                 source,
@@ -313,9 +331,7 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
     config = config.resolved()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
-    if dtype is None:
-        raise TrainingError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
+    dtype = compute_dtype(config.dtype)
     if not config.data:
         raise TrainingError(
             "--data is required: the training image folder (one sub-folder per class)"
@@ -324,9 +340,9 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
 
     # ---- data
     n_dev = jax.local_device_count()
-    folder = data_lib.ImageFolder(config.data)
+    folder = data_lib.open_dataset(config.data)
     num_classes = len(folder.classes)
-    val_folder = data_lib.ImageFolder(config.val) if config.val else None
+    val_folder = data_lib.open_dataset(config.val) if config.val else None
     if val_folder is not None and len(val_folder.classes) != num_classes:
         raise data_lib.DataError(
             f"{config.val}: has {len(val_folder.classes)} class folders, {config.data} has {num_classes}"

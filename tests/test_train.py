@@ -1,5 +1,6 @@
 """Data-parallel pretraining on 8 fake CPU devices (see conftest.py)."""
 
+import contextlib
 import functools
 import json
 import os
@@ -120,6 +121,7 @@ def _cfg(data, **kw):
         ckpt_every=4,
         recon_every=0,
         read_threads=2,
+        worker_count=0,
         seed=0,
     )
     base.update(kw)
@@ -173,12 +175,96 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(folder, tmp_path):
         match=r"(loss|gradient norm) is (nan|inf|-inf) at step \d+.*last good checkpoint \(step \d+\) is intact",
     ):
         train.pretrain(
-            _cfg(folder, max_steps=40, lr=1e6, ckpt_every=1, warmup_epochs=0),
+            # metrics are read only at saves here: the check before each save must catch it
+            _cfg(folder, max_steps=40, lr=1e6, ckpt_every=1, log_every=1000, warmup_epochs=0),
             tmp_path,
             progress=False,
         )
     model = mae_jax.load_pretrained(str(tmp_path))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+def _trap_host_reads(monkeypatch):
+    """Make the loop's steady state refuse device-to-host reads; returns a count of its steps.
+
+    jax's transfer guard sees no transfer on CPU (device memory is host memory), so reads of
+    device values (float(), bool(), .tolist(), jax.device_get) are also trapped where
+    they materialise the value, ArrayImpl._value. (np.asarray and .item() read CPU buffers
+    without it; on GPU and TPU the guard itself refuses them.)"""
+    from jax._src import array
+
+    inside, entered = [False], [0]
+    original = array.ArrayImpl._value
+
+    def guarded(self):
+        if inside[0]:
+            raise AssertionError("a device value was read between two log steps")
+        return original.fget(self)
+
+    @contextlib.contextmanager
+    def steady_state():
+        entered[0] += 1
+        inside[0] = True
+        try:
+            with jax.transfer_guard_device_to_host("disallow"):
+                yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(array.ArrayImpl, "_value", property(guarded))
+    monkeypatch.setattr(train, "_steady_state", steady_state)
+    return entered, steady_state
+
+
+def test_the_trap_catches_a_host_read(monkeypatch):
+    _, steady_state = _trap_host_reads(monkeypatch)
+    loss = jnp.ones(()) * 2
+    for read in (float, bool, jax.device_get, lambda x: x.tolist()):
+        with pytest.raises(AssertionError, match="between two log steps"), steady_state():
+            read(loss)
+    assert float(loss) == 2.0  # outside the steady state reads are fine
+
+
+def test_steps_between_log_steps_never_read_the_devices(folder, tmp_path, monkeypatch):
+    """12 micro-steps in 6 optimizer steps of 2 micro-batches; metrics read at step 12 only."""
+    entered, _ = _trap_host_reads(monkeypatch)
+    cfg = _cfg(folder, max_steps=12, accum_iter=2, log_every=100, ckpt_every=100, prefetch=2)
+    summary = train.pretrain(cfg, tmp_path, progress=False)
+    assert entered[0] == 6 and summary["end_step"] == 12
+    (record,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 12 and np.isfinite(record["loss"]) and record["loss"] > 0
+
+
+class _CountingLoader:
+    """A stand-in for data.pretrain_batches: batch i holds the value i, 5 batches per epoch."""
+
+    def __init__(self, host_batch):
+        self.host_batch, self.calls, self.step, self.num_skipped = host_batch, 0, 0, 0
+
+    def __next__(self):
+        epoch, value = self.calls // 5, self.calls
+        self.calls += 1
+        self.step = self.calls % 5
+        return epoch, {"image": np.full((self.host_batch, 2, 2, 3), value, np.uint8)}
+
+    def get_state(self):
+        return {"next": self.calls}
+
+
+def test_device_batches_run_ahead_in_order_and_drop_epoch_tails():
+    loader = _CountingLoader(host_batch=N_DEV * 2)
+    # 4 of the 5 batches of an epoch are used; accum 2 takes batches (0,1), (2,3), (5,6), ...
+    batches = train.device_batches(loader, used_per_epoch=4, accum_iter=2, ahead=2)
+    first = next(batches)
+    assert loader.calls == 7  # this step's batch and two more already sent: 0-3, (4 dropped), 5-6
+    assert first.images.shape == (N_DEV, 2, 2, 2, 2, 3) and first.images.dtype == np.uint8
+    assert first.images.sharding.spec == jax.sharding.PartitionSpec(train.AXIS)
+    assert len(first.images.sharding.device_set) == N_DEV
+    assert first.data_state == {"next": 2} and first.epoch == 0
+    seen = [first] + [next(batches) for _ in range(3)]
+    values = [np.asarray(b.images)[0, :, 0, 0, 0, 0].tolist() for b in seen]
+    assert values == [[0, 1], [2, 3], [5, 6], [7, 8]]
+    assert [b.epoch for b in seen] == [0, 0, 1, 1]
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
