@@ -219,66 +219,168 @@ def classifier_pooling(state_dict: Mapping[str, np.ndarray]) -> bool:
     return has_fc_norm
 
 
-def infer_config(
-    state_dict: Mapping[str, np.ndarray], family: str
-) -> tuple[str, MAEConfig | ViTConfig]:
-    """(preset name, config) whose sizes fit the tensor shapes; MappingError if no preset does.
+# The sizes that identify an architecture; a file whose sizes all equal a preset's is that preset's
+# architecture, up to what shapes cannot show (the head counts). The image size, the class count and
+# the pooling may differ from the preset's.
+_IDENTITY_FIELDS = (
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "mlp_ratio",
+    "decoder_embed_dim",
+    "decoder_depth",
+)
 
-    Head counts cannot be read from shapes, so the architecture must match a preset's widths and
-    depths; the image size is read from the position table, so it may differ from the preset's.
-    A classifier gets a ``vit_*`` preset with its class count and pooling read from the file.
+
+def read_sizes(state_dict: Mapping[str, np.ndarray], family: str) -> dict:
+    """Every config field that the tensor shapes determine, read from them.
+
+    Image size from the position table, patch size and channels from the patch embedding, widths,
+    depths and the MLP ratio from the blocks; for a classifier the class count and the pooling.
     """
     proj = state_dict["patch_embed.proj.weight"]
-    embed_dim, in_chans, patch_size, _ = proj.shape
+    if proj.ndim != 4 or proj.shape[2] != proj.shape[3]:
+        raise MappingError(
+            f"patch_embed.proj.weight has shape {tuple(proj.shape)}, not [width, channels, p, p]"
+        )
+    embed_dim, in_chans, patch_size, _ = (int(x) for x in proj.shape)
     num_patches = state_dict["pos_embed"].shape[1] - 1
     grid = int(round(num_patches**0.5))
     if grid * grid != num_patches:
         raise MappingError(f"pos_embed has {num_patches} patch rows, not a square grid")
-    found = {
-        "embed_dim": embed_dim,
-        "depth": _count_blocks(state_dict, "blocks"),
+    sizes: dict = {
+        "img_size": grid * patch_size,
         "patch_size": patch_size,
         "in_chans": in_chans,
+        "embed_dim": embed_dim,
+        "depth": _count_blocks(state_dict, "blocks"),
     }
-    if family == FAMILY_MAE:
-        found["decoder_embed_dim"] = state_dict["decoder_embed.weight"].shape[0]
-        found["decoder_depth"] = _count_blocks(state_dict, "decoder_blocks")
     if "blocks.0.mlp.fc1.weight" in state_dict:
-        found["mlp_ratio"] = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
-    changes: dict = {"img_size": grid * patch_size}
-    presets: Mapping[str, MAEConfig | ViTConfig] = PRESETS
+        sizes["mlp_ratio"] = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    if family == FAMILY_MAE:
+        sizes["decoder_embed_dim"] = int(state_dict["decoder_embed.weight"].shape[0])
+        sizes["decoder_depth"] = _count_blocks(state_dict, "decoder_blocks")
+        fc1 = state_dict.get("decoder_blocks.0.mlp.fc1.weight")
+        ratio = None if fc1 is None else fc1.shape[0] / sizes["decoder_embed_dim"]
+        if ratio is not None and "mlp_ratio" in sizes and ratio != sizes["mlp_ratio"]:
+            raise MappingError(
+                f"decoder MLP ratio {ratio:g} differs from the encoder's {sizes['mlp_ratio']:g}; "
+                "the official MaskedAutoencoderViT (and mae-jax) use one mlp_ratio for both"
+            )
     if family == FAMILY_CLASSIFIER:
-        presets = VIT_PRESETS
         head = state_dict["head.weight"]
         if head.ndim != 2 or head.shape[1] != embed_dim:
             raise MappingError(
                 f"head.weight has shape {tuple(head.shape)}, not [classes, {embed_dim}]"
             )
-        changes.update(num_classes=head.shape[0], global_pool=classifier_pooling(state_dict))
-    for name, preset in presets.items():
-        if all(getattr(preset, k) == v for k, v in found.items()):
-            return name, preset.replace(**changes)
-    shown = ", ".join(f"{k} {v}" for k, v in found.items())
-    raise MappingError(f"its shapes ({shown}) fit no preset; known presets: {', '.join(presets)}")
+        sizes.update(num_classes=int(head.shape[0]), global_pool=classifier_pooling(state_dict))
+    return sizes
 
 
-def check_arch(name: str, config: MAEConfig | ViTConfig, arch: str) -> None:
-    """MappingError when the requested ``arch`` preset disagrees with the inferred shapes."""
+def parse_settings(pairs: list[str], cls: type) -> dict:
+    """``["num_heads=3", ...]`` -> {field: value}, typed as ``cls``'s fields; MappingError if bad."""
+    defaults = cls().to_dict()
+    settings: dict = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or key not in defaults:
+            raise MappingError(
+                f"--set {pair}: expected KEY=VALUE with KEY one of {', '.join(defaults)}"
+            )
+        kind = type(defaults[key])
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1")
+            else:
+                value = kind(text)
+        except ValueError:
+            raise MappingError(f"--set {pair}: {key} takes a {kind.__name__}") from None
+        settings[key] = value
+    return settings
+
+
+@dataclass
+class Inferred:
+    """What ``infer_config`` found: the config, the preset of the same sizes, how heads were set."""
+
+    config: MAEConfig | ViTConfig
+    preset: str | None  # the preset whose sizes the file has (None: a custom size)
+    heads: str  # "given" (--set) or "assumed from <preset>"
+
+
+def infer_config(
+    state_dict: Mapping[str, np.ndarray], family: str, settings: Mapping | None = None
+) -> Inferred:
+    """The full config of a state_dict: sizes from the shapes, head counts from ``settings``.
+
+    ``settings`` are config fields (``num_heads``, ``decoder_num_heads``, or any other, which is
+    checked against the shapes when they determine it). Head counts not given are taken from the
+    preset with the same sizes, and said so; with no such preset the file is refused.
+    A classifier's config is a ``ViTConfig``; an MAE's (with or without decoder) an ``MAEConfig``.
+    """
+    settings = dict(settings or {})
+    classifier = family == FAMILY_CLASSIFIER
+    cls = ViTConfig if classifier else MAEConfig
+    presets: Mapping[str, MAEConfig | ViTConfig] = VIT_PRESETS if classifier else PRESETS
+    sizes = read_sizes(state_dict, family)
+    fields = set(cls().to_dict())
+    for key, value in settings.items():
+        if key not in fields:
+            raise MappingError(f"--set {key}: not a {cls.__name__} field")
+        if key in sizes and value != sizes[key]:
+            raise MappingError(
+                f"--set {key}={value} disagrees with the file, whose shapes give {key} {sizes[key]}"
+            )
+    identity = {k: v for k, v in sizes.items() if k in _IDENTITY_FIELDS}
+    match = next(
+        (
+            name
+            for name, p in presets.items()
+            if all(getattr(p, k) == v for k, v in identity.items())
+        ),
+        None,
+    )
+    head_fields = ["num_heads"] if family != FAMILY_MAE else ["num_heads", "decoder_num_heads"]
+    missing = [k for k in head_fields if k not in settings]
+    if missing and match is None:
+        shown = ", ".join(
+            f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in sizes.items()
+        )
+        flags = " ".join(f"--set {k}=N" for k in head_fields)
+        raise MappingError(
+            f"sizes read ({shown}) fit no preset, and head counts cannot be read from shapes: "
+            f"give them with {flags}"
+        )
+    base = presets[match] if match is not None else cls()
+    heads = "given" if not missing else f"assumed from {match}"
+    if missing and len(missing) < len(head_fields):
+        heads = f"{missing[0]} assumed from {match}"
+    try:
+        config = base.replace(**sizes, **settings)
+    except (ValueError, TypeError) as err:
+        raise MappingError(str(err)) from None
+    return Inferred(config, match, heads)
+
+
+def check_arch(arch: str, sizes: Mapping, config_cls: type) -> None:
+    """MappingError when the preset ``arch`` disagrees with the sizes read from the shapes."""
     presets: Mapping[str, MAEConfig | ViTConfig] = (
-        VIT_PRESETS if isinstance(config, ViTConfig) else PRESETS
+        VIT_PRESETS if config_cls is ViTConfig else PRESETS
     )
     if arch not in presets:
         holds = "a classifier" if presets is VIT_PRESETS else "an MAE"
         raise MappingError(
             f"unknown --arch {arch!r} for {holds}; known presets: {', '.join(presets)}"
         )
-    if arch == name:
-        return
     want = presets[arch]
-    fields = ("embed_dim", "depth", "patch_size", "decoder_embed_dim", "decoder_depth")
     diffs = [
-        f"{f} {getattr(config, f)} in the file, {getattr(want, f)} in {arch}"
-        for f in fields
-        if hasattr(want, f) and getattr(config, f) != getattr(want, f)
+        f"{f} {sizes[f]} in the file, {getattr(want, f)} in {arch}"
+        for f in _IDENTITY_FIELDS
+        if f in sizes and sizes[f] != getattr(want, f)
     ]
-    raise MappingError(f"--arch {arch} does not fit the file: " + "; ".join(diffs or [name]))
+    if diffs:
+        raise MappingError(f"--arch {arch} does not fit the file: " + "; ".join(diffs))

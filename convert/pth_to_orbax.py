@@ -7,7 +7,10 @@
 MAEs (with or without decoder) and fine-tuned ``models_vit`` classifiers are recognized from their
 keys; a classifier's pooling (fc_norm: global pool, norm: cls token), class count and learned
 position table come from the file. ``--encoder-only`` keeps just the MAE encoder of either.
-The architecture is inferred from the tensor shapes (``--arch`` is checked against them when given).
+Every size is read from the tensor shapes; the head counts, which shapes cannot show, come from
+``--set num_heads=N --set decoder_num_heads=N``, or, when the sizes equal a preset's, from that
+preset (the summary and the metadata then say "head counts assumed from <preset>").
+``--arch`` names the preset the file should be: its head counts, its sizes checked.
 The file is read without unpickling arbitrary objects and without torch. The output directory is
 written under a temporary name and renamed when complete.
 """
@@ -20,6 +23,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,6 +33,7 @@ import numpy as np
 from convert import mapping
 from convert.pth_io import PthError, read_pth
 from mae_jax.checkpoint import CheckpointError, build_model, read_metadata, save_model
+from mae_jax.config import PRESETS, VIT_PRESETS, MAEConfig, ViTConfig
 from mae_jax.pos_embed import sincos_2d
 
 CONVERTER_VERSION = "1"
@@ -92,8 +97,13 @@ def convert_pth(
     norm_pix_loss: bool | None = None,
     force: bool = False,
     progress: bool = False,
+    settings: Mapping[str, Any] | list[str] | None = None,
 ) -> tuple[Path, dict]:
-    """Convert ``src`` into the checkpoint directory ``out``; returns (path, metadata)."""
+    """Convert ``src`` into the checkpoint directory ``out``; returns (path, metadata).
+
+    ``settings``: config fields the shapes cannot tell (``num_heads``, ``decoder_num_heads``), as
+    a dict or as ``KEY=VALUE`` strings; fields the shapes do tell are checked against them.
+    """
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise ConversionError(f"{out}: already exists (pass --force to replace it)")
@@ -119,9 +129,20 @@ def convert_pth(
         else:
             model_type = "mae_encoder"
         arch_family = mapping.FAMILY_ENCODER if encoder_only else family
-        preset, config = mapping.infer_config(sd, arch_family)
+        config_cls = ViTConfig if model_type == "vit_classifier" else MAEConfig
+        if isinstance(settings, list):
+            settings = mapping.parse_settings(settings, config_cls)
         if arch is not None:
-            mapping.check_arch(preset, config, arch)
+            # --arch names the preset the file should be: its sizes are checked against the
+            # shapes, and its head counts are used unless --set gives them.
+            mapping.check_arch(arch, mapping.read_sizes(sd, arch_family), config_cls)
+            want = (VIT_PRESETS if config_cls is ViTConfig else PRESETS)[arch]
+            heads = {
+                k: getattr(want, k) for k in ("num_heads", "decoder_num_heads") if hasattr(want, k)
+            }
+            settings = heads | dict(settings or {})
+        inferred = mapping.infer_config(sd, arch_family, settings)
+        preset, config = inferred.preset, inferred.config
         if model_type == "vit_classifier":
             if norm_pix_loss is not None:
                 raise ConversionError(
@@ -150,6 +171,7 @@ def convert_pth(
     model = nnx.merge(graphdef, state)
     metadata = {
         "preset": preset,
+        "head_counts": inferred.heads,
         "family": family,
         "source": {"file": src.name, "sha256": _sha256(src), "bytes": src.stat().st_size},
         "converter_version": CONVERTER_VERSION,
@@ -195,9 +217,24 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="the model was trained on plain (normalized-image) pixels",
     )
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config field the shapes cannot tell, e.g. --set num_heads=3 --set "
+        "decoder_num_heads=4 (repeatable; fields the shapes tell are checked)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _head_flags(family: str) -> str:
+    if family == mapping.FAMILY_MAE:
+        return "--set num_heads=N --set decoder_num_heads=N"
+    return "--set num_heads=N"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             norm_pix_loss=args.norm_pix_loss,
             force=args.force,
             progress=not args.quiet,
+            settings=args.settings,
         )
     except (ConversionError, PthError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -221,7 +259,23 @@ def main(argv: list[str] | None = None) -> int:
         config = saved["config"]
         pooling = "global pool + fc_norm" if config["global_pool"] else "cls token + norm"
         kind = f"classifier ({pooling}, {config['num_classes']} classes)"
-    print(f"wrote {out}: {meta['preset']}, {kind}")
+    config = saved["config"]
+    sizes = f"width {config['embed_dim']}, depth {config['depth']}, {config['num_heads']} heads"
+    if "decoder_embed_dim" in config and meta["family"] == mapping.FAMILY_MAE:
+        sizes += (
+            f"; decoder width {config['decoder_embed_dim']}, depth {config['decoder_depth']}, "
+            f"{config['decoder_num_heads']} heads"
+        )
+    name = meta["preset"] or "custom size"
+    print(
+        f"wrote {out}: {name}, {kind}; image {config['img_size']}, patch {config['patch_size']}, "
+        f"{sizes}"
+    )
+    if meta["head_counts"] != "given":
+        print(
+            f"  note: head counts {meta['head_counts']} (the shapes cannot show them); "
+            f"if the model had others, convert again with {_head_flags(meta['family'])}"
+        )
     if meta["ignored_keys"]:
         print(f"  ignored {len(meta['ignored_keys'])} keys: {', '.join(meta['ignored_keys'][:6])}")
     if meta["family"] == mapping.FAMILY_ENCODER:

@@ -40,9 +40,14 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 def _official_classifier_pth(path: Path, preset: str, seed: int, **overrides) -> Path:
-    """Random classifier weights in the official layout, saved with torch.save. Biases, norms, the
-    head and the (learned) position table are perturbed so that no mapping mistake can hide."""
+    """Random classifier weights in the official layout, saved with torch.save."""
     model = mae_jax.create_classifier(preset, rngs=nnx.Rngs(seed), **overrides)
+    return official_pth_of(model, path, seed)
+
+
+def official_pth_of(model, path: Path, seed: int) -> Path:
+    """``model``'s weights as {'model': state_dict} via torch.save. Biases, norms, the head and
+    the (learned) position table are perturbed so that no mapping mistake can hide."""
     sd = official_from_state(state_as_numpy(model))
     rng = np.random.default_rng(seed)
     for k, v in sd.items():
@@ -153,7 +158,7 @@ def _cli(*args):
 @pytest.mark.parametrize(
     "arch, expect",
     [
-        ("vit_large_patch16", "--arch vit_large_patch16 does not fit the file: embed_dim 64"),
+        ("vit_large_patch16", "--arch vit_large_patch16 does not fit the file: patch_size 4 in"),
         ("mae_vit_tiny_patch4", "unknown --arch 'mae_vit_tiny_patch4' for a classifier"),
     ],
 )
