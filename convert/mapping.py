@@ -15,8 +15,9 @@ architecture from its tensor shapes.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -80,39 +81,52 @@ class Report:
     filled_by_default: list[str] = field(default_factory=list)
 
 
+def official_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The official tensor shape of the mae-jax leaf at ``path`` of ``shape``."""
+    if path[-1] == "kernel":
+        order = (3, 2, 0, 1) if len(shape) == 4 else tuple(reversed(range(len(shape))))
+        return tuple(shape[i] for i in order)
+    return tuple(shape)
+
+
 def state_from_official(
-    state_dict: Mapping[str, np.ndarray],
+    state_dict: MutableMapping[str, np.ndarray],
     target: Mapping,
     *,
     ignore: tuple[str, ...] = (),
     defaults: Mapping[str, np.ndarray] | None = None,
+    finish: Callable[[np.ndarray], Any] | None = None,
+    consume: bool = False,
 ) -> tuple[dict, Report]:
     """Fill the nested ``target`` tree (arrays or shape structs) from an official state_dict.
 
     Strict: every source key is used or matched by a regex in ``ignore``; every target leaf is
     filled (from the source, or from ``defaults`` keyed by official name); every shape is checked.
-    Raises MappingError listing '+ unexpected', '- missing' and '! shape' keys.
+    Raises MappingError listing '+ unexpected', '- missing' and '! shape' keys, before any value
+    is converted. Then values are converted one at a time: ``finish`` (e.g. ``jnp.asarray``) is
+    applied to each, and with ``consume`` each source entry is removed from ``state_dict`` once
+    converted, so that a whole model is never held twice.
     """
     report = Report()
     defaults = dict(defaults or {})
     flat_target = flatten_tree(target)
-    out, missing, mismatched, used = {}, [], [], set()
+    sources, missing, mismatched, used = {}, [], [], set()
     for path, leaf in flat_target.items():
         key = official_key(path)
         if key in state_dict:
-            value = from_official(path, np.asarray(state_dict[key]))
             used.add(key)
+            have = tuple(np.shape(state_dict[key]))
         elif key in defaults:
-            value = np.asarray(defaults[key])
+            have = tuple(np.shape(defaults[key]))
             report.filled_by_default.append(key)
         else:
             missing.append(key)
             continue
-        if tuple(value.shape) != tuple(leaf.shape):
-            want = to_official(path, np.empty(leaf.shape, np.uint8)).shape
-            mismatched.append(f"{key}: {tuple(state_dict[key].shape)} in file, model needs {want}")
+        want = official_shape(path, tuple(leaf.shape))
+        if have != want:
+            mismatched.append(f"{key}: {have} in file, model needs {want}")
             continue
-        out[path] = value.astype(np.dtype(leaf.dtype), copy=False)
+        sources[path] = key
     unexpected = []
     for key in state_dict:
         if key in used:
@@ -131,13 +145,30 @@ def state_from_official(
             f"{len(unexpected)} unexpected, {len(missing)} missing, {len(mismatched)} mis-shaped "
             f"keys: {shown}"
         )
+    out = {}
+    for path, key in sources.items():
+        if key not in state_dict:
+            source = defaults[key]
+        else:
+            source = state_dict.pop(key) if consume else state_dict[key]
+        value = from_official(path, np.asarray(source)).astype(
+            np.dtype(flat_target[path].dtype), copy=False
+        )
+        del source
+        out[path] = value if finish is None else finish(value)
+        del value
     return unflatten_tree(out), report
 
 
 def official_from_state(state: Mapping) -> dict[str, np.ndarray]:
     """A model's nested state -> an official-layout state_dict, in the official key order."""
     flat = {official_key(p): to_official(p, np.asarray(v)) for p, v in flatten_tree(state).items()}
-    return dict(sorted(flat.items(), key=lambda kv: _official_order(kv[0])))
+    return in_official_order(flat)
+
+
+def in_official_order(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The same entries in the order of the official model's state_dict."""
+    return dict(sorted(state_dict.items(), key=lambda kv: _official_order(kv[0])))
 
 
 _TOP_ORDER = (

@@ -16,18 +16,28 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
+
 from convert import mapping
 from convert.pth_io import PthError, write_pth
-from mae_jax.checkpoint import CheckpointError, load_model, state_as_numpy
+from mae_jax._memory import return_large_blocks_to_the_system
+from mae_jax.checkpoint import CheckpointError, load_state
 
 
 def export_pth(checkpoint: str | Path, dst: str | Path, *, force: bool = False) -> Path:
     """Write the checkpoint's weights to ``dst`` as {'model': official state_dict}."""
     dst = Path(dst)
+    return_large_blocks_to_the_system()
     if dst.exists() and not force:
         raise FileExistsError(f"{dst}: already exists (pass --force to replace it)")
-    state_dict = mapping.official_from_state(state_as_numpy(load_model(checkpoint)))
-    write_pth({"model": state_dict}, dst)
+    # One tensor at a time, each array dropped once converted: the model is never held twice.
+    flat = mapping.flatten_tree(load_state(checkpoint))
+    state_dict = {}
+    for path in list(flat):
+        state_dict[mapping.official_key(path)] = mapping.to_official(
+            path, np.asarray(flat.pop(path))
+        )
+    write_pth({"model": mapping.in_official_order(state_dict)}, dst)
     return dst
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from convert import mapping
 from convert.pth_io import PthError, read_pth
+from mae_jax._memory import return_large_blocks_to_the_system
 from mae_jax.checkpoint import CheckpointError, build_model, read_metadata, save_model
 from mae_jax.config import PRESETS, VIT_PRESETS, MAEConfig, ViTConfig
 from mae_jax.pos_embed import sincos_2d
@@ -105,6 +106,7 @@ def convert_pth(
     a dict or as ``KEY=VALUE`` strings; fields the shapes do tell are checked against them.
     """
     src, out = Path(src), Path(out)
+    return_large_blocks_to_the_system()
     if out.exists() and not force:
         raise ConversionError(f"{out}: already exists (pass --force to replace it)")
     sd = extract_state_dict(read_pth(src, progress=progress), src)
@@ -162,12 +164,21 @@ def convert_pth(
 
         abstract = nnx.eval_shape(lambda: build_model(model_type, config))
         graphdef, state = nnx.split(abstract)
+        gaps = {k: _pos_table_gap(sd, k) for k in ("pos_embed", "decoder_pos_embed")}
+        # One tensor at a time: each is transposed, made a JAX array and its source dropped, so
+        # the model is never held twice (peak memory about the file's size).
         values, report = mapping.state_from_official(
-            sd, nnx.to_pure_dict(state), ignore=ignore, defaults=defaults
+            sd,
+            nnx.to_pure_dict(state),
+            ignore=ignore,
+            defaults=defaults,
+            finish=jax.numpy.asarray,
+            consume=True,
         )
     except mapping.MappingError as e:
         raise ConversionError(f"{src}: {e}") from None
-    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, values))
+    nnx.replace_by_pure_dict(state, values)
+    del values
     model = nnx.merge(graphdef, state)
     metadata = {
         "preset": preset,
@@ -178,8 +189,8 @@ def convert_pth(
         "norm_pix_loss_source": norm_pix_source,
         "ignored_keys": report.ignored,
         "filled_by_default": report.filled_by_default,
-        "pos_embed_max_abs_diff_from_sincos": _pos_table_gap(sd, "pos_embed"),
-        "decoder_pos_embed_max_abs_diff_from_sincos": _pos_table_gap(sd, "decoder_pos_embed"),
+        "pos_embed_max_abs_diff_from_sincos": gaps["pos_embed"],
+        "decoder_pos_embed_max_abs_diff_from_sincos": gaps["decoder_pos_embed"],
     }
     return save_model(model, out, metadata=metadata, force=force), metadata
 
