@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mae_jax.config import PRESETS, VIT_PRESETS, MAEConfig, ViTConfig
+from mae_jax.config import PRESETS, VIT_PRESETS, MAEConfig, ViTConfig, parse_setting
 
 Path = tuple  # a path in the model's state tree, e.g. ('blocks', 3, 'attn', 'qkv', 'kernel')
 
@@ -320,17 +320,10 @@ def parse_settings(pairs: list[str], cls: type) -> dict:
             raise MappingError(
                 f"--set {pair}: expected KEY=VALUE with KEY one of {', '.join(defaults)}"
             )
-        kind = type(defaults[key])
         try:
-            if kind is bool:
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(text)
-                value = text.lower() in ("true", "1")
-            else:
-                value = kind(text)
-        except ValueError:
-            raise MappingError(f"--set {pair}: {key} takes a {kind.__name__}") from None
-        settings[key] = value
+            settings[key] = parse_setting(key, text.strip(), type(defaults[key]).__name__)
+        except ValueError as err:
+            raise MappingError(str(err)) from None
     return settings
 
 

@@ -9,6 +9,25 @@ from typing import Any, TypeVar
 _C = TypeVar("_C", bound="_EncoderConfig")
 
 
+def parse_setting(key: str, raw: str, type_name: str) -> Any:
+    """The text of a ``--set key=value`` as a value of the field's type (``int``, ``float``,
+    ``bool``, ``str``; ``none`` for optional fields). ValueError naming the setting if invalid."""
+    if raw.lower() in ("none", "null") and "None" in type_name:
+        return None
+    try:
+        if type_name.startswith("bool"):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"--set {key}={raw}: not a valid {type_name}") from None
+    return raw
+
+
 @dataclasses.dataclass(frozen=True)
 class _EncoderConfig:
     """The ViT encoder's sizes, shared by the MAE and the classifier, with JSON round trip.

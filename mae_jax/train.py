@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 from mae_jax import masking, optim
-from mae_jax.config import MAEConfig, get_config
+from mae_jax.config import MAEConfig, get_config, parse_setting
 from mae_jax.model import FixedEmbedding, MaskedAutoencoderViT
 
 AXIS = "devices"  # the pmap axis name
@@ -148,20 +148,10 @@ def apply_overrides(config: Any, assignments: list[str], model_defaults: Any = N
 
 
 def _parse_value(key: str, raw: str, type_name: str) -> Any:
-    if raw.lower() in ("none", "null") and "None" in type_name:
-        return None
     try:
-        if type_name.startswith("bool"):
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1", "yes")
-        if type_name.startswith("int"):
-            return int(raw)
-        if type_name.startswith("float"):
-            return float(raw)
-    except ValueError:
-        raise TrainingError(f"--set {key}={raw}: not a valid {type_name}") from None
-    return raw
+        return parse_setting(key, raw, type_name)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
 
 
 # --------------------------------------------------------------------------- the train step
