@@ -29,15 +29,22 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from mae_jax.data import IMAGENET_MEAN, normalize, random_resized_crop_box, to_rgb
+from mae_jax.data import pixel_array, random_resized_crop_box, to_channels
+from mae_jax.normalization import IMAGENET, Normalization
 
 FINETUNE_SCALE = (0.08, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 MAX_LEVEL = 10.0
-# Geometric ops fill uncovered pixels with the dataset mean in 0-255, as timm does when it builds
-# RandAugment for a normalised dataset: (124, 116, 104) for ImageNet.
-FILL_COLOR = tuple(min(255, round(255 * float(m))) for m in IMAGENET_MEAN)
+
+
+def fill_color(norm: Normalization) -> tuple[int, ...]:
+    """Geometric ops fill uncovered pixels with the dataset mean in 0-255, as timm does when it
+    builds RandAugment for a normalised dataset: (124, 116, 104) for ImageNet."""
+    return tuple(min(255, round(255 * float(m))) for m in norm.mean)
+
+
+FILL_COLOR = fill_color(IMAGENET)
 # The official transform asks timm for bicubic interpolation, which RandAugment then also uses for
 # its geometric ops (otherwise it would pick bilinear or bicubic at random).
 RESAMPLE = Image.Resampling.BICUBIC
@@ -52,51 +59,61 @@ class AugmentConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-def _affine(img: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
+def _affine(img: Image.Image, matrix: tuple[float, ...], fill: tuple[int, ...]) -> Image.Image:
     # Pillow's affine matrix maps each output pixel to the input position it samples.
     return img.transform(
-        img.size, Image.Transform.AFFINE, matrix, resample=RESAMPLE, fillcolor=FILL_COLOR
+        img.size, Image.Transform.AFFINE, matrix, resample=RESAMPLE, fillcolor=_fill_of(img, fill)
     )
 
 
-def _solarize_add(img: Image.Image, add: int) -> Image.Image:
+def _fill_of(img: Image.Image, fill: tuple[int, ...]) -> int | tuple[int, ...]:
+    """``fill`` as Pillow takes it for ``img``'s mode: an int for a one-band image."""
+    if len(fill) != len(img.getbands()):
+        raise ValueError(f"fill {fill} does not fit a {img.mode} image")
+    return fill[0] if len(fill) == 1 else fill
+
+
+def _solarize_add(img: Image.Image, add: int, fill: object = None) -> Image.Image:
     # Brightens only the dark half of the range (values below 128), saturating at 255.
     lut = [min(255, v + add) if v < 128 else v for v in range(256)]
-    return img.point(lut * 3)
+    return img.point(lut * len(img.getbands()))
 
 
-def _posterize(img: Image.Image, bits: int) -> Image.Image:
+def _posterize(img: Image.Image, bits: int, fill: object = None) -> Image.Image:
     # Keeps the ``bits`` high bits of every value. Written as a lookup table rather than with
     # ImageOps.posterize, which refuses 0 bits (a black image), the strongest increasing level.
     if bits >= 8:
         return img
     mask = (0xFF << (8 - max(bits, 0))) & 0xFF
-    return img.point([v & mask for v in range(256)] * 3)
+    return img.point([v & mask for v in range(256)] * len(img.getbands()))
 
 
-# name -> f(img, argument). The argument's meaning per op is given by _LEVEL_TO_ARG below.
-_APPLY: dict[str, Callable[[Image.Image, float], Image.Image]] = {
-    "AutoContrast": lambda img, _: ImageOps.autocontrast(img),
-    "Equalize": lambda img, _: ImageOps.equalize(img),
-    "Invert": lambda img, _: ImageOps.invert(img),
-    "Rotate": lambda img, degrees: img.rotate(degrees, resample=RESAMPLE, fillcolor=FILL_COLOR),
+# name -> f(img, argument, fill). The argument's meaning per op is given by _LEVEL_TO_ARG below;
+# fill (one 0-255 value per band) is what the geometric ops put where the image was not.
+_APPLY: dict[str, Callable[[Image.Image, float, tuple[int, ...]], Image.Image]] = {
+    "AutoContrast": lambda img, _, fill: ImageOps.autocontrast(img),
+    "Equalize": lambda img, _, fill: ImageOps.equalize(img),
+    "Invert": lambda img, _, fill: ImageOps.invert(img),
+    "Rotate": lambda img, degrees, fill: img.rotate(
+        degrees, resample=RESAMPLE, fillcolor=_fill_of(img, fill)
+    ),
     "Posterize": _posterize,
     "PosterizeIncreasing": _posterize,
-    "Solarize": lambda img, threshold: ImageOps.solarize(img, threshold),
-    "SolarizeIncreasing": lambda img, threshold: ImageOps.solarize(img, threshold),
+    "Solarize": lambda img, threshold, fill: ImageOps.solarize(img, threshold),
+    "SolarizeIncreasing": lambda img, threshold, fill: ImageOps.solarize(img, threshold),
     "SolarizeAdd": _solarize_add,
-    "Color": lambda img, factor: ImageEnhance.Color(img).enhance(factor),
-    "ColorIncreasing": lambda img, factor: ImageEnhance.Color(img).enhance(factor),
-    "Contrast": lambda img, factor: ImageEnhance.Contrast(img).enhance(factor),
-    "ContrastIncreasing": lambda img, factor: ImageEnhance.Contrast(img).enhance(factor),
-    "Brightness": lambda img, factor: ImageEnhance.Brightness(img).enhance(factor),
-    "BrightnessIncreasing": lambda img, factor: ImageEnhance.Brightness(img).enhance(factor),
-    "Sharpness": lambda img, factor: ImageEnhance.Sharpness(img).enhance(factor),
-    "SharpnessIncreasing": lambda img, factor: ImageEnhance.Sharpness(img).enhance(factor),
-    "ShearX": lambda img, shear: _affine(img, (1, shear, 0, 0, 1, 0)),
-    "ShearY": lambda img, shear: _affine(img, (1, 0, 0, shear, 1, 0)),
-    "TranslateXRel": lambda img, frac: _affine(img, (1, 0, frac * img.width, 0, 1, 0)),
-    "TranslateYRel": lambda img, frac: _affine(img, (1, 0, 0, 0, 1, frac * img.height)),
+    "Color": lambda img, factor, fill: ImageEnhance.Color(img).enhance(factor),
+    "ColorIncreasing": lambda img, factor, fill: ImageEnhance.Color(img).enhance(factor),
+    "Contrast": lambda img, factor, fill: ImageEnhance.Contrast(img).enhance(factor),
+    "ContrastIncreasing": lambda img, factor, fill: ImageEnhance.Contrast(img).enhance(factor),
+    "Brightness": lambda img, factor, fill: ImageEnhance.Brightness(img).enhance(factor),
+    "BrightnessIncreasing": lambda img, factor, fill: ImageEnhance.Brightness(img).enhance(factor),
+    "Sharpness": lambda img, factor, fill: ImageEnhance.Sharpness(img).enhance(factor),
+    "SharpnessIncreasing": lambda img, factor, fill: ImageEnhance.Sharpness(img).enhance(factor),
+    "ShearX": lambda img, shear, fill: _affine(img, (1, shear, 0, 0, 1, 0), fill),
+    "ShearY": lambda img, shear, fill: _affine(img, (1, 0, 0, shear, 1, 0), fill),
+    "TranslateXRel": lambda img, frac, fill: _affine(img, (1, 0, frac * img.width, 0, 1, 0), fill),
+    "TranslateYRel": lambda img, frac, fill: _affine(img, (1, 0, 0, 0, 1, frac * img.height), fill),
 }
 
 
@@ -189,11 +206,20 @@ def op_argument(name: str, level: float, rng: np.random.Generator) -> float | No
     return None if to_arg is None else to_arg(level, rng)
 
 
-def apply_op(img: Image.Image, name: str, argument: float | None) -> Image.Image:
-    """One RandAugment op on an RGB image with an explicit argument (degrees, factor, bits, ...)."""
+def apply_op(
+    img: Image.Image,
+    name: str,
+    argument: float | None,
+    fill: tuple[int, ...] | None = None,
+) -> Image.Image:
+    """One RandAugment op on an RGB (or grayscale) image with an explicit argument (degrees,
+    factor, bits, ...); ``fill``: the 0-255 value per band of uncovered pixels (default: the
+    ImageNet mean, or its gray average for a grayscale image)."""
     if name not in _APPLY:
         raise ValueError(f"unknown RandAugment op {name!r}; known: {', '.join(_APPLY)}")
-    return _APPLY[name](img, argument)
+    if fill is None:
+        fill = fill_color(Normalization.for_channels(len(img.getbands())))
+    return _APPLY[name](img, argument, fill)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,10 +296,13 @@ def rand_augment(
     img: Image.Image,
     rng: np.random.Generator,
     config: str | RandAugmentConfig = DEFAULT_AUTO_AUGMENT,
+    norm: Normalization = IMAGENET,
 ) -> Image.Image:
-    """RandAugment an RGB image (same size, RGB) with a timm-style config string or a parsed one."""
+    """RandAugment an image (same size; RGB, or grayscale when ``norm`` has one channel) with a
+    timm-style config string or a parsed one; geometric ops fill with ``norm``'s mean."""
     cfg = parse_rand_augment(config) if isinstance(config, str) else config
-    img = to_rgb(img)
+    img = to_channels(img, norm.channels)
+    fill = fill_color(norm)
     ops = cfg.ops
     # Ops are drawn with replacement, all before any is applied, as timm does.
     for index in rng.integers(0, len(ops), size=cfg.num_layers):
@@ -284,7 +313,7 @@ def rand_augment(
             level = rng.normal(level, cfg.magnitude_std)
         level = min(MAX_LEVEL, max(0.0, float(level)))
         name = ops[index]
-        img = apply_op(img, name, op_argument(name, level, rng))
+        img = apply_op(img, name, op_argument(name, level, rng), fill)
     return img
 
 
@@ -342,20 +371,22 @@ def finetune_transform(
     *,
     auto_augment: str | None = DEFAULT_AUTO_AUGMENT,
     re_prob: float = 0.25,
+    norm: Normalization = IMAGENET,
 ) -> np.ndarray:
-    """Official fine-tuning train augmentation of an image: (size, size, 3) float32 normalised.
+    """Official fine-tuning train augmentation of an image: (size, size, C) float32 normalised.
 
     RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3), bicubic), hflip p=0.5, RandAugment
     (``auto_augment``; None or "" skips it), normalise, RandomErasing ('pixel', p=``re_prob``).
+    ``norm``: the channel count (RGB, or 1 for grayscale) and its statistics (ImageNet's).
     """
-    img = to_rgb(img)
+    img = to_channels(img, norm.channels)
     box = random_resized_crop_box(rng, img.width, img.height, FINETUNE_SCALE, CROP_RATIO)
     img = _crop_resize(img, box, size)
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if auto_augment:
-        img = rand_augment(img, rng, auto_augment)
-    pixels, _ = random_erasing(normalize(np.asarray(img)), rng, re_prob)
+        img = rand_augment(img, rng, auto_augment, norm)
+    pixels, _ = random_erasing(norm.normalize(pixel_array(img)), rng, re_prob)
     return pixels
 
 
@@ -380,16 +411,20 @@ def single_draw_crop_box(
     return top, left, h, w
 
 
-def linprobe_transform(img: Image.Image, rng: np.random.Generator, size: int = 224) -> np.ndarray:
-    """Official linear-probe train augmentation: (size, size, 3) float32 normalised.
+def linprobe_transform(
+    img: Image.Image, rng: np.random.Generator, size: int = 224, norm: Normalization = IMAGENET
+) -> np.ndarray:
+    """Official linear-probe train augmentation: (size, size, C) float32 normalised.
 
-    A single-draw RandomResizedCrop (scale (0.08, 1), bicubic), hflip p=0.5, normalise.
+    A single-draw RandomResizedCrop (scale (0.08, 1), bicubic), hflip p=0.5, normalise; ``norm``
+    as in ``finetune_transform``.
     """
-    img = to_rgb(img)
-    pixels = np.asarray(_crop_resize(img, single_draw_crop_box(rng, img.width, img.height), size))
+    img = to_channels(img, norm.channels)
+    box = single_draw_crop_box(rng, img.width, img.height)
+    pixels = pixel_array(_crop_resize(img, box, size))
     if rng.random() < 0.5:
         pixels = pixels[:, ::-1]
-    return normalize(pixels)
+    return norm.normalize(pixels)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -231,9 +231,12 @@ def make_eval_logits(model: VisionTransformer, batch_size: int):
     return logits
 
 
-def evaluate(model, folder, *, batch_size: int, progress: bool = False) -> dict:
+def evaluate(model, folder, *, batch_size: int, progress: bool = False, norm=None) -> dict:
     """Accuracy of ``model`` on an ``ImageFolder`` with the official eval transform (one pass,
     jitted): dict(top1, top5 [%], k, loss (mean cross-entropy), count, skipped).
+
+    ``norm`` (a ``Normalization``): the pixel statistics; default the model's channel count's
+    (ImageNet's for RGB).
 
     With several processes (``jax.distributed``) each one evaluates its own share of the images
     and the sums are added up across processes, so every process returns the whole folder's
@@ -259,6 +262,7 @@ def evaluate(model, folder, *, batch_size: int, progress: bool = False) -> dict:
         img_size=model.config.img_size,
         shard_index=host,
         shard_count=hosts,
+        norm=norm or data.Normalization.for_channels(model.config.in_chans),
     )
     bar = tqdm(
         batches,

@@ -261,6 +261,12 @@ def _add_reconstruct(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=2, help="masking seed (default 2)")
     p.add_argument(
+        "--mean",
+        help="pixel mean per channel, comma-separated (default: the run's or checkpoint's "
+        "setting, else ImageNet's for RGB and 0.449 for grayscale models)",
+    )
+    p.add_argument("--std", help="pixel std per channel, comma-separated (default: as --mean)")
+    p.add_argument(
         "--center-crop",
         action="store_true",
         help="resize the shorter side and crop the center (default: squash to a square, as the official demo)",
@@ -269,15 +275,26 @@ def _add_reconstruct(sub) -> None:
 
 
 def reconstruct_figure(
-    model, image_paths, *, mask_ratio: float, seed: int, center_crop: bool, note_extra: str = ""
+    model,
+    image_paths,
+    *,
+    mask_ratio: float,
+    seed: int,
+    center_crop: bool,
+    note_extra: str = "",
+    norm=None,
 ):
-    """The reconstruction figure (a PIL image) of the given image files."""
+    """The reconstruction figure (a PIL image) of the given image files, read with ``norm``'s
+    channel count and statistics (default: ImageNet's RGB)."""
     import numpy as np
 
     from mae_jax import data, visualize
 
+    norm = norm or data.IMAGENET
     size = model.config.img_size
-    imgs = np.stack([data.load_image(p, size, center_crop=center_crop) for p in image_paths])
+    imgs = np.stack(
+        [data.load_image(p, size, center_crop=center_crop, norm=norm) for p in image_paths]
+    )
     return visualize.reconstruction_figure(
         model,
         imgs,
@@ -285,7 +302,30 @@ def reconstruct_figure(
         mask_ratio=mask_ratio,
         note=note_extra or None,
         scale=max(1, 224 // size),
+        norm=norm,
     )
+
+
+def checkpoint_normalization(checkpoint: str, in_chans: int, mean=None, std=None):
+    """``normalization.recorded_normalization`` with a mistake as one UsageError naming the
+    checkpoint."""
+    from mae_jax.normalization import recorded_normalization
+
+    try:
+        return recorded_normalization(checkpoint, in_chans, mean, std)
+    except ValueError as err:
+        raise UsageError(f"{checkpoint}: a model of in_chans={in_chans}: {err}") from None
+
+
+def _numbers(flag: str, text: str | None) -> tuple[float, ...] | None:
+    from mae_jax.config import parse_setting
+
+    if text is None:
+        return None
+    try:
+        return parse_setting(flag, text, "tuple[float, ...]")
+    except ValueError as err:
+        raise UsageError(str(err).replace("--set ", "--", 1)) from None
 
 
 def _model_type(checkpoint: str) -> str:
@@ -303,6 +343,7 @@ def _run_reconstruct(args) -> int:
 
     if not 0.0 <= args.mask_ratio < 1.0:
         raise UsageError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    mean, std = _numbers("mean", args.mean), _numbers("std", args.std)
     for path in args.images:
         if not Path(path).is_file():
             raise UsageError(f"{path}: no such image file")
@@ -313,8 +354,14 @@ def _run_reconstruct(args) -> int:
         )
     model = load_pretrained(args.checkpoint)
     model._require_decoder()
+    norm = checkpoint_normalization(args.checkpoint, model.config.in_chans, mean, std)
     figure = reconstruct_figure(
-        model, args.images, mask_ratio=args.mask_ratio, seed=args.seed, center_crop=args.center_crop
+        model,
+        args.images,
+        mask_ratio=args.mask_ratio,
+        seed=args.seed,
+        center_crop=args.center_crop,
+        norm=norm,
     )
     visualize.save_png(figure, args.out)
     print(f"wrote {args.out} ({len(args.images)} image(s), mask ratio {args.mask_ratio})")
@@ -377,6 +424,7 @@ def _add_export(sub) -> None:
 
 def _run_export(args) -> int:
     from mae_jax.checkpoint import save_model
+    from mae_jax.normalization import as_metadata
     from mae_jax.train import TrainingError, load_trained_model
 
     workdir = Path(args.workdir)
@@ -384,6 +432,7 @@ def _run_export(args) -> int:
         raise TrainingError(f"{workdir}: not a pretraining run directory (no config.json)")
     meta = json.loads((workdir / "config.json").read_text())
     model = load_trained_model(workdir)
+    norm = checkpoint_normalization(str(workdir), model.config.in_chans)
     out = save_model(
         model,
         args.out,
@@ -391,6 +440,8 @@ def _run_export(args) -> int:
             "preset": meta["preset"],
             "family": "mae",
             "source": {"pretrain_run": str(workdir)},
+            # the statistics the model was trained with, for reconstruct and fine-tuning
+            "normalization": as_metadata(norm),
         },
         force=args.force,
     )
@@ -488,8 +539,9 @@ def _run_eval(args) -> int:
             f"{args.data}: has {len(folder.classes)} class folder(s) but the classifier "
             f"{args.checkpoint} has {num_classes} classes"
         )
+    norm = checkpoint_normalization(args.checkpoint, model.config.in_chans)
     print(f"evaluating {args.checkpoint} on {folder}")
-    r = evaluate(model, folder, batch_size=args.batch_size, progress=not args.quiet)
+    r = evaluate(model, folder, batch_size=args.batch_size, progress=not args.quiet, norm=norm)
     print(
         f"* Acc@1 {r['top1']:.3f} Acc@{r['k']} {r['top5']:.3f} loss {r['loss']:.3f} "
         f"({r['count']} images)"

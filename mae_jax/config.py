@@ -11,9 +11,15 @@ _C = TypeVar("_C", bound="_EncoderConfig")
 
 def parse_setting(key: str, raw: str, type_name: str) -> Any:
     """The text of a ``--set key=value`` as a value of the field's type (``int``, ``float``,
-    ``bool``, ``str``; ``none`` for optional fields). ValueError naming the setting if invalid."""
+    ``bool``, ``str``, ``tuple[float, ...]`` as comma-separated numbers; ``none`` for optional
+    fields). ValueError naming the setting if invalid."""
     if raw.lower() in ("none", "null") and "None" in type_name:
         return None
+    if type_name.startswith("tuple[float"):
+        try:
+            return tuple(float(part) for part in raw.split(","))
+        except ValueError:
+            raise ValueError(f"--set {key}={raw}: not comma-separated numbers") from None
     try:
         if type_name.startswith("bool"):
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):

@@ -1,8 +1,9 @@
 """Image data for MAE: image sets, Pillow decoding, the official transforms, the grain loaders.
 
 Everything here runs on the host and returns NumPy arrays in NHWC layout; there is no torch.
-The one exception is ``normalize_on_device`` (jax.numpy), which the train step calls on uint8
-batches.
+The one exception is ``normalize_on_device`` (jax.numpy, ``Normalization.on_device``), which
+the train step calls on uint8 batches. Images are read as RGB, or as grayscale for 1-channel
+models (``channels=1``, or a one-channel ``Normalization``).
 
 - ``ImageFolder`` lists the images of an ImageNet-style folder (one sub-folder per class) or of a
   flat folder (every image gets label 0); ``mae_jax.records.RecordFolder`` reads the same images
@@ -13,6 +14,8 @@ batches.
   horizontal flip with p=0.5. A JPEG that is opened but not yet decoded is decoded at a reduced
   DCT scale (Pillow's draft mode) when the crop stays at least ``size`` pixels on both sides.
   ``pretrain_transform`` adds ToTensor and ImageNet normalisation, in float32 like torchvision.
+- ``Normalization`` holds a channel count's mean and std: ImageNet's for RGB (the official
+  recipe), any the user gives, and grayscale (one channel) images for single-channel models.
 - ``eval_transform`` is the official classifier evaluation transform (shorter side to
   int(size / 0.875), bicubic, centre crop, normalise).
 - ``pretrain_batches`` is the training loader: a grain pipeline whose every batch is a pure
@@ -34,14 +37,22 @@ import grain
 import numpy as np
 from PIL import Image
 
+from mae_jax.normalization import (  # noqa: F401 (IMAGENET_MEAN/STD: part of this module's API)
+    IMAGENET,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Normalization,
+    check_channels,
+)
+
 if TYPE_CHECKING:
     import jax
 
     from mae_jax.records import RecordFolder
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), dtype=np.float32)
-IMAGENET_STD = np.array((0.229, 0.224, 0.225), dtype=np.float32)
+# Pillow mode of the decoded pixels for each supported channel count.
+CHANNEL_MODES = {1: "L", 3: "RGB"}
 PRETRAIN_SCALE = (0.2, 1.0)
 PRETRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 # Official classifier evaluation: resize to size / crop_pct, then centre-crop size.
@@ -57,7 +68,8 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _LOG = logging.getLogger(__name__)
 
 
-# transform(img, rng, size) -> (size, size, 3) float32 pixels, img a decoded RGB image
+# transform(img, rng, size) -> (size, size, C) float32 pixels, img a decoded RGB (or grayscale)
+# image
 Transform = Callable[[Image.Image, np.random.Generator, int], np.ndarray]
 Pixels = Literal["float32", "uint8"]
 
@@ -163,17 +175,35 @@ def open_dataset(root: str | os.PathLike) -> ImageFolder | RecordFolder:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow image as 8-bit RGB; alpha is dropped (as torchvision's loader does)."""
-    if img.mode == "RGB":
+    return to_channels(img, 3)
+
+
+def to_channels(img: Image.Image, channels: int = 3) -> Image.Image:
+    """Any Pillow image as 8-bit pixels of ``channels`` channels: 3 is RGB, 1 is grayscale
+    (Pillow's ITU-R 601-2 luma, what torchvision's Grayscale computes). Alpha is dropped."""
+    mode = _mode_of(channels)
+    if img.mode == mode:
         return img
     if img.mode in _SIXTEEN_BIT_MODES:
         # Pillow's own conversion clips 16-bit values at 255 (a white image); scale instead.
         wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
         gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
-        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
+        return Image.fromarray(gray if channels == 1 else np.repeat(gray[:, :, None], 3, axis=2))
     if img.mode == "P" and "transparency" in img.info:
         # Going through RGBA avoids Pillow's warning about palette transparency.
         img = img.convert("RGBA")
-    return img.convert("RGB")
+    return img.convert(mode)
+
+
+def _mode_of(channels: int) -> str:
+    check_channels(channels)
+    return CHANNEL_MODES[channels]
+
+
+def pixel_array(img: Image.Image) -> np.ndarray:
+    """A decoded 8-bit image as (H, W, C) uint8: grayscale gets its channel axis."""
+    pixels = np.asarray(img)
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels
 
 
 def _cannot_decode(name: str, err: Exception) -> DataError:
@@ -191,22 +221,24 @@ def open_image(encoded: bytes, name: str) -> Image.Image:
         raise _cannot_decode(name, err) from err
 
 
-def decode_bytes(encoded: bytes, name: str) -> Image.Image:
-    """Encoded image bytes fully decoded and converted to RGB; DataError naming ``name``."""
+def decode_bytes(encoded: bytes, name: str, channels: int = 3) -> Image.Image:
+    """Encoded image bytes fully decoded and converted to RGB (``channels`` 3) or grayscale (1);
+    DataError naming ``name``."""
     img = open_image(encoded, name)
     try:
         img.load()
-        return to_rgb(img)
+        return to_channels(img, channels)
     except Exception as err:
         raise _cannot_decode(name, err) from err
 
 
-def decode_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open, fully decode and convert one image file to RGB; DataError naming the file on failure."""
+def decode_rgb(path: str | os.PathLike, channels: int = 3) -> Image.Image:
+    """Open, fully decode and convert one image file to RGB (or grayscale with ``channels`` 1);
+    DataError naming the file on failure."""
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(img)
+            return to_channels(img, channels)
     except Exception as err:  # any failure inside Pillow means the file is unusable
         raise _cannot_decode(os.fspath(path), err) from err
 
@@ -265,9 +297,14 @@ def draft_scale(img: Image.Image, box_h: int, box_w: int, size: int) -> int:
 
 
 def decode_for_crop(
-    img: Image.Image, box: tuple[int, int, int, int], size: int, name: str = "image"
+    img: Image.Image,
+    box: tuple[int, int, int, int],
+    size: int,
+    name: str = "image",
+    channels: int = 3,
 ) -> tuple[Image.Image, int]:
-    """Decodes ``img`` (opened, maybe not yet decoded) as RGB for cropping ``box`` to ``size``.
+    """Decodes ``img`` (opened, maybe not yet decoded) as RGB (or grayscale: ``channels`` 1) for
+    cropping ``box`` to ``size``.
 
     Returns (the RGB image, its reduction: 1, 2, 4 or 8, the box's coordinates divided by it).
     A not-yet-decoded JPEG is decoded at ``draft_scale``; libjpeg's scaled IDCT skips most of the
@@ -283,7 +320,7 @@ def decode_for_crop(
             # draft returns the decoded area in reduced pixels: the scale libjpeg really uses.
             scale = 1 if drafted is None else round(full_width / drafted[1][2])
         img.load()
-        return to_rgb(img), scale
+        return to_channels(img, channels), scale
     except Exception as err:  # any failure inside Pillow means the file is unusable
         raise _cannot_decode(name, err) from err
 
@@ -291,7 +328,7 @@ def decode_for_crop(
 def crop_resize(
     img: Image.Image, box: tuple[int, int, int, int], size: int, flipped: bool, scale: int = 1
 ) -> np.ndarray:
-    """``box`` (top, left, h, w, in full-size pixels) of RGB ``img`` as (size, size, 3) uint8.
+    """``box`` (top, left, h, w, in full-size pixels) of 8-bit ``img`` as (size, size, C) uint8.
 
     Crop, bicubic resize, optional horizontal flip. ``scale`` > 1: ``img`` is a draft decoded at
     1/scale, and the box falls between its pixels; it is cropped to the pixels that cover the box
@@ -314,62 +351,54 @@ def crop_resize(
     if flipped:
         # Pillow's mirror is a plain copy; NumPy's [:, ::-1] of 3-byte pixels is 5x slower.
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(out)
+    return pixel_array(out)
 
 
 def pretrain_crop(
-    img: Image.Image, rng: np.random.Generator, size: int, name: str = "image"
+    img: Image.Image, rng: np.random.Generator, size: int, name: str = "image", channels: int = 3
 ) -> tuple[np.ndarray, tuple[int, int, int, int], bool]:
     """Official MAE pretraining augmentation as uint8: RandomResizedCrop, bicubic, flip p=0.5.
 
     ``img``: any Pillow image, decoded or only opened (``open_image``); an opened JPEG is decoded
     in draft mode when the crop allows (``decode_for_crop``), any other image gives exactly the
     pixels of a full decode. The box is drawn from the full size, so ``rng`` makes the same draws
-    either way. Returns (pixels (size, size, 3) uint8, crop box (top, left, h, w), flipped).
+    either way. Returns (pixels (size, size, channels) uint8, crop box (top, left, h, w), flipped);
+    ``channels`` 1 converts to grayscale after decoding.
     """
     box = random_resized_crop_box(rng, img.width, img.height)
     flipped = bool(rng.random() < 0.5)
-    decoded, scale = decode_for_crop(img, box, size, name)
+    decoded, scale = decode_for_crop(img, box, size, name, channels)
     return crop_resize(decoded, box, size, flipped, scale), box, flipped
 
 
-# normalize() as a table: row c, column v holds (v / 255 - mean[c]) / std[c], computed in float32
-# in torchvision's order (ToTensor, then Normalize), so a lookup gives its exact values, 2x faster.
-_NORMALIZED_VALUES = np.ascontiguousarray(
-    ((np.arange(256, dtype=np.float32)[:, None] / np.float32(255) - IMAGENET_MEAN) / IMAGENET_STD).T
-)
+def normalize(pixels: np.ndarray, norm: Normalization = IMAGENET) -> np.ndarray:
+    """uint8 (..., 3) RGB to float32 ImageNet-normalised values, bit-equal to torchvision's
+    (``norm`` for other statistics or channel counts)."""
+    return norm.normalize(pixels)
 
 
-def normalize(pixels: np.ndarray) -> np.ndarray:
-    """uint8 (..., 3) RGB to float32 ImageNet-normalised values, bit-equal to torchvision's."""
-    pixels = np.asarray(pixels)
-    if pixels.dtype != np.uint8 or pixels.shape[-1] != 3:
-        raise ValueError(f"expected uint8 pixels (..., 3), got {pixels.dtype} {pixels.shape}")
-    out = np.empty(pixels.shape, np.float32)
-    for channel in range(3):
-        np.take(_NORMALIZED_VALUES[channel], pixels[..., channel], out=out[..., channel])
-    return out
-
-
-def denormalize(x: Any) -> np.ndarray:
+def denormalize(x: Any, norm: Normalization = IMAGENET) -> np.ndarray:
     """Normalised (..., 3) values back to float32 RGB in [0, 1] (clipped)."""
-    return np.clip(np.asarray(x, dtype=np.float32) * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
+    return norm.denormalize(x)
 
 
 def pretrain_transform(
-    img: Image.Image, rng: np.random.Generator, size: int
+    img: Image.Image, rng: np.random.Generator, size: int, norm: Normalization = IMAGENET
 ) -> tuple[np.ndarray, tuple[int, int, int, int], bool]:
     """Official MAE pretraining augmentation of an image, normalised as torchvision does.
 
-    Returns (pixels (size, size, 3) float32 normalised, crop box (top, left, h, w), flipped).
+    Returns (pixels (size, size, C) float32 normalised, crop box (top, left, h, w), flipped),
+    C = ``norm.channels`` (3 for the default ImageNet statistics).
     """
-    pixels, box, flipped = pretrain_crop(img, rng, size)
-    return normalize(pixels), box, flipped
+    pixels, box, flipped = pretrain_crop(img, rng, size, channels=norm.channels)
+    return norm.normalize(pixels), box, flipped
 
 
-def pretrain_pixels(img: Image.Image, rng: np.random.Generator, size: int) -> np.ndarray:
-    """``pretrain_transform``'s pixels alone: (size, size, 3) float32 normalised."""
-    return pretrain_transform(img, rng, size)[0]
+def pretrain_pixels(
+    img: Image.Image, rng: np.random.Generator, size: int, norm: Normalization = IMAGENET
+) -> np.ndarray:
+    """``pretrain_transform``'s pixels alone: (size, size, C) float32 normalised."""
+    return pretrain_transform(img, rng, size, norm)[0]
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
@@ -396,17 +425,23 @@ def eval_resize_size(size: int) -> int:
     return int(size / crop_pct)
 
 
-def eval_transform(img: Image.Image, size: int, resize_to: int | None = None) -> np.ndarray:
-    """Official classifier eval transform: (size, size, 3) float32 normalised.
+def eval_transform(
+    img: Image.Image, size: int, resize_to: int | None = None, norm: Normalization = IMAGENET
+) -> np.ndarray:
+    """Official classifier eval transform: (size, size, C) float32 normalised.
 
     Shorter side to ``resize_to`` (default ``eval_resize_size(size)``), bicubic, then centre crop.
+    ``img`` has ``norm``'s channel count (RGB for the default ImageNet statistics).
     """
     resized = resize_shorter_side(img, eval_resize_size(size) if resize_to is None else resize_to)
-    return normalize(np.asarray(crop_center(resized, size)))
+    return norm.normalize(pixel_array(crop_center(resized, size)))
 
 
-def square_image(img: Image.Image, size: int, center_crop: bool = False) -> np.ndarray:
-    """An RGB image as (size, size, 3) float32 normalised, for the demo and reconstructions.
+def square_image(
+    img: Image.Image, size: int, center_crop: bool = False, norm: Normalization = IMAGENET
+) -> np.ndarray:
+    """An image of ``norm``'s channel count (RGB by default) as (size, size, C) float32
+    normalised, for the demo and reconstructions.
 
     Without ``center_crop`` the image is squashed to size x size with bicubic (what the official
     demo does); with it, the shorter side goes to ``size`` and the centre is cropped.
@@ -415,12 +450,15 @@ def square_image(img: Image.Image, size: int, center_crop: bool = False) -> np.n
         img = crop_center(resize_shorter_side(img, size), size)
     else:
         img = img.resize((size, size), Image.Resampling.BICUBIC)
-    return normalize(np.asarray(img))
+    return norm.normalize(pixel_array(img))
 
 
-def load_image(path: str | os.PathLike, size: int, center_crop: bool = False) -> np.ndarray:
-    """One image file as (size, size, 3) float32 normalised (see ``square_image``)."""
-    return square_image(decode_rgb(path), size, center_crop)
+def load_image(
+    path: str | os.PathLike, size: int, center_crop: bool = False, norm: Normalization = IMAGENET
+) -> np.ndarray:
+    """One image file as (size, size, C) float32 normalised (see ``square_image``); decoded as
+    grayscale when ``norm`` has one channel."""
+    return square_image(decode_rgb(path, norm.channels), size, center_crop, norm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,22 +466,10 @@ def load_image(path: str | os.PathLike, size: int, center_crop: bool = False) ->
 # ----------------------------------------------------------------------------------------------
 
 
-def normalize_on_device(imgs: jax.Array) -> jax.Array:
-    """uint8 (..., 3) RGB to float32 ImageNet-normalised values, bit-equal to ``normalize``.
-
-    For the train step: batches travel to the device as uint8 (a quarter of float32's bytes) and
-    are normalised there. This is a gather from ``normalize``'s own 3 x 256 table, not the
-    arithmetic ``(x / 255 - mean) / std``: XLA rewrites a division by a constant into a
-    multiplication by its reciprocal, which rounds differently (523 of the 768 values differ by
-    up to 7e-7 on CPU), and TPU's float32 division is not correctly rounded either; the gather
-    copies the host's values exactly on every backend.
-    """
-    import jax.numpy as jnp
-
-    if imgs.dtype != jnp.uint8 or imgs.shape[-1] != 3:
-        raise ValueError(f"expected uint8 pixels (..., 3), got {imgs.dtype} {imgs.shape}")
-    table = jnp.asarray(_NORMALIZED_VALUES.reshape(-1))  # channel c's value v at 256 * c + v
-    return table[imgs.astype(jnp.int32) + jnp.arange(0, 768, 256, dtype=jnp.int32)]
+def normalize_on_device(imgs: jax.Array, norm: Normalization = IMAGENET) -> jax.Array:
+    """uint8 (..., 3) RGB to float32 ImageNet-normalised values on the device, bit-equal to
+    ``normalize`` (``Normalization.on_device``; ``norm`` for other statistics)."""
+    return norm.on_device(imgs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,10 +522,12 @@ class _PretrainExample:
         per_epoch: int,
         transform: Transform | None,
         pixels: Pixels,
+        norm: Normalization = IMAGENET,
     ):
         self.images = images
         self.transform = transform
         self.pixels = pixels
+        self.norm = norm
         self.img_size = img_size
         self.seed = seed
         self.shard_index = shard_index
@@ -536,11 +564,12 @@ class _PretrainExample:
     def _augment(self, index: int, rng: np.random.Generator) -> np.ndarray:
         """Image ``index`` through the transform; DataError if it cannot be read or decoded."""
         encoded, name = self.images.read(index)
+        channels = self.norm.channels
         if self.transform is not None:
-            return self.transform(decode_bytes(encoded, name), rng, self.img_size)
+            return self.transform(decode_bytes(encoded, name, channels), rng, self.img_size)
         # Only opened, not decoded: pretrain_crop can then decode a JPEG in draft mode.
-        pixels = pretrain_crop(open_image(encoded, name), rng, self.img_size, name)[0]
-        return pixels if self.pixels == "uint8" else normalize(pixels)
+        pixels = pretrain_crop(open_image(encoded, name), rng, self.img_size, name, channels)[0]
+        return pixels if self.pixels == "uint8" else self.norm.normalize(pixels)
 
     def __call__(self, position: int) -> dict[str, np.ndarray]:
         epoch, slot = divmod(int(position), self.per_epoch)
@@ -607,6 +636,7 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
         worker_count: int,
         transform: Transform | None = None,
         pixels: Pixels = "float32",
+        norm: Normalization = IMAGENET,
     ):
         if batch_size < 1 or img_size < 1:
             raise ValueError(f"batch_size {batch_size} and img_size {img_size} must be positive")
@@ -651,6 +681,7 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
             self.steps_per_epoch * batch_size,
             transform,
             pixels,
+            norm,
         )
         self._iterator: Iterator[dict[str, np.ndarray]] | None = None
         self.num_skipped = 0
@@ -783,19 +814,21 @@ def pretrain_batches(
     prefetch_batches: int = 2,
     read_threads: int = 16,
     transform: Transform | None = None,
+    norm: Normalization = IMAGENET,
 ) -> PretrainBatches:
     """Shuffled, sharded, drop-last pretraining batches from ``start_epoch`` to ``end_epoch``.
 
-    Yields (epoch, dict(image=(batch_size, img_size, img_size, 3), label=(batch_size,) int32));
+    Yields (epoch, dict(image=(batch_size, img_size, img_size, C), label=(batch_size,) int32));
     ``end_epoch=None`` never stops. ``images``: an ``ImageFolder`` or a record directory's
     ``RecordFolder`` (``open_dataset``); both give the same batches. Each epoch shuffles all images
     with its own seed, identically on every host; host ``shard_index`` of ``shard_count`` (pass
     ``jax.process_index()`` / ``jax.process_count()``) takes every shard_count-th image of that
     order, so hosts are disjoint.
 
-    ``pixels``: "uint8" yields the augmented RGB pixels as uint8, for ``normalize_on_device`` in
+    ``pixels``: "uint8" yields the augmented pixels as uint8, for ``Normalization.on_device`` in
     the train step (a quarter of the bytes); "float32" yields them normalised on the host, the
-    same values bit for bit.
+    same values bit for bit. ``norm``: the channel count (3: RGB, 1: grayscale, each image
+    converted after decoding) and the statistics of that normalisation (default ImageNet's).
 
     Parallelism: ``worker_count`` worker processes each build whole batches on one core;
     -1 (the default) is ``auto_worker_count()``, every usable core but one; 0 decodes in
@@ -806,7 +839,8 @@ def pretrain_batches(
     float32. Batches are identical whatever the workers, threads and read-ahead.
 
     ``transform(img, rng, size) -> pixels`` replaces the pretraining augmentation and gets a
-    decoded RGB image (fine-tuning and linear probing pass theirs; their pixels are yielded as
+    decoded image of ``norm``'s channel count (fine-tuning and linear probing pass theirs;
+    their pixels are yielded as
     they are). With worker processes it must be picklable: a module-level function or a
     functools.partial of one.
     """
@@ -824,6 +858,7 @@ def pretrain_batches(
         worker_count=worker_count,
         transform=transform,
         pixels=pixels,
+        norm=norm,
     )
 
 
@@ -835,23 +870,31 @@ def pretrain_batches(
 class _EvalExample:
     """Maps a padded position of this host's shard to one eval-transformed example (picklable)."""
 
-    def __init__(self, images: ImageFolder | RecordFolder, indices: np.ndarray, img_size: int):
+    def __init__(
+        self,
+        images: ImageFolder | RecordFolder,
+        indices: np.ndarray,
+        img_size: int,
+        norm: Normalization = IMAGENET,
+    ):
         self.images = images
         self.indices = indices
         self.img_size = img_size
+        self.norm = norm
 
     def __call__(self, position: int) -> dict[str, np.ndarray]:
-        empty = np.zeros((self.img_size, self.img_size, 3), np.float32)
+        empty = np.zeros((self.img_size, self.img_size, self.norm.channels), np.float32)
         if position >= len(self.indices):  # padding that keeps every host's batch count equal
             return dict(image=empty, label=np.int32(0), valid=np.bool_(False))
         index = int(self.indices[position])
         label = self.images.labels[index]
         try:
-            img = decode_bytes(*self.images.read(index))
+            img = decode_bytes(*self.images.read(index), channels=self.norm.channels)
         except DataError as err:
             _LOG.warning("skipping unreadable image: %s", err)
             return dict(image=empty, label=label, valid=np.bool_(False))
-        return dict(image=eval_transform(img, self.img_size), label=label, valid=np.bool_(True))
+        pixels = eval_transform(img, self.img_size, norm=self.norm)
+        return dict(image=pixels, label=label, valid=np.bool_(True))
 
 
 def eval_batches(
@@ -862,10 +905,12 @@ def eval_batches(
     shard_index: int = 0,
     shard_count: int = 1,
     read_threads: int = 16,
+    norm: Normalization = IMAGENET,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every image once, in order, with the eval transform and fixed-size batches.
 
-    Yields dict(image=(B, S, S, 3) float32, label=(B,) int32, valid=(B,) bool). Host
+    Yields dict(image=(B, S, S, C) float32, label=(B,) int32, valid=(B,) bool), C and the
+    statistics from ``norm`` (default: RGB, ImageNet's). Host
     ``shard_index`` takes every shard_count-th image; all hosts yield the same number of batches,
     the last ones padded with ``valid=False`` rows, as are unreadable files (logged).
     """
@@ -878,7 +923,7 @@ def eval_batches(
     num_batches = -(-per_host // batch_size)
     dataset = (
         grain.MapDataset.range(num_batches * batch_size)
-        .map(_EvalExample(images, indices, img_size))
+        .map(_EvalExample(images, indices, img_size, norm))
         .to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
         .batch(batch_size)
     )

@@ -37,6 +37,7 @@ from mae_jax.classifier import (
     init_classifier_from_mae,
 )
 from mae_jax.config import get_vit_config
+from mae_jax.normalization import Normalization, as_metadata, recorded_normalization
 from mae_jax.train import (
     AXIS,
     Checkpoints,
@@ -54,6 +55,7 @@ from mae_jax.train import (
     plan_steps,
     replicate,
     shard_batch,
+    tuples_from_json,
     unreplicate,
 )
 
@@ -106,6 +108,10 @@ class FinetuneConfig:
     # The preset's sizes changed (`--set model.KEY=VALUE`, ViTConfig fields). With --init, the
     # encoder's sizes and head count come from the checkpoint unless set here.
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Pixel normalisation per input channel (comma-separated in --set). None: what --init's
+    # checkpoint records, else ImageNet's for RGB and (0.449,), (0.226,) for grayscale.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def resolved(self) -> FinetuneConfig:
         """The config with every ``None`` recipe field filled in."""
@@ -141,7 +147,7 @@ class FinetuneConfig:
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise TrainingError(f"unknown fine-tuning settings: {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**tuples_from_json(d))
 
     def with_overrides(self, assignments: list[str]) -> FinetuneConfig:
         return apply_overrides(self, assignments, get_vit_config("vit_base_patch16"))
@@ -297,12 +303,28 @@ def _make_optimizer(config: FinetuneConfig, params, schedule, depth: int):
     )
 
 
-def _transform(config: FinetuneConfig):
+def _transform(config: FinetuneConfig, norm: Normalization):
     if config.mode == "linprobe":
-        return augment.linprobe_transform
+        return functools.partial(augment.linprobe_transform, norm=norm)
     return functools.partial(
-        augment.finetune_transform, auto_augment=config.auto_augment, re_prob=config.reprob
+        augment.finetune_transform,
+        auto_augment=config.auto_augment,
+        re_prob=config.reprob,
+        norm=norm,
     )
+
+
+def run_normalization(config: FinetuneConfig, in_chans: int) -> Normalization:
+    """The run's pixel normalisation: its mean and std, else those ``config.init`` records, else
+    the default of ``in_chans`` channels; TrainingError if they do not fit the model."""
+    try:
+        if config.init:
+            return recorded_normalization(config.init, in_chans, config.mean, config.std)
+        return Normalization.for_channels(in_chans, config.mean, config.std)
+    except ValueError as err:
+        raise TrainingError(
+            f"model.in_chans={in_chans}, mean={config.mean}, std={config.std}: {err}"
+        ) from None
 
 
 def _targets(config: FinetuneConfig, images, labels, rng, num_classes):
@@ -351,6 +373,7 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
     if config.mode == "finetune" and config.mixup + config.cutmix > 0 and host_batch % 2:
         raise TrainingError(f"mixup needs an even batch per host, got {host_batch}")
     model = build_model(config, num_classes, dtype)
+    norm = run_normalization(config, model.config.in_chans)
     img_size = model.config.img_size
     loader = data_lib.pretrain_batches(
         folder,
@@ -361,7 +384,8 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
         shard_count=jax.process_count(),
         read_threads=config.read_threads,
         worker_count=config.worker_count,
-        transform=_transform(config),
+        transform=_transform(config, norm),
+        norm=norm,
     )
     plan = plan_steps(config, loader.steps_per_epoch, host_batch * jax.process_count())
     schedule, used_per_epoch, total_steps = plan.schedule, plan.used_per_epoch, plan.total_steps
@@ -410,7 +434,7 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
         if val_folder is None:
             return
         # Every host evaluates its share; all of them get the whole folder's figures.
-        r = evaluate(current_model(), val_folder, batch_size=config.batch_size)
+        r = evaluate(current_model(), val_folder, batch_size=config.batch_size, norm=norm)
         if not is_main:
             return
         record = {
@@ -484,6 +508,7 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
                 "family": config.mode,
                 "preset": config.preset,
                 "source": {"run": str(workdir)},
+                "normalization": as_metadata(norm),
             },
             force=True,
         )

@@ -31,6 +31,7 @@ from flax import nnx
 from mae_jax import masking, optim
 from mae_jax.config import MAEConfig, get_config, parse_setting
 from mae_jax.model import FixedEmbedding, MaskedAutoencoderViT
+from mae_jax.normalization import IMAGENET, Normalization
 
 AXIS = "devices"  # the pmap axis name
 
@@ -78,12 +79,20 @@ class PretrainConfig:
     # The preset's sizes changed, e.g. {"embed_dim": 384, "num_heads": 6}: `--set model.KEY=VALUE`
     # or a "model" object in the --config JSON; keys are MAEConfig fields.
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Pixel normalisation, one value per input channel (`--set mean=0.5` for a 1-channel model,
+    # `--set mean=0.4,0.5,0.6` for RGB). None: ImageNet's for RGB, (0.449,), (0.226,) for gray.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def model_config(self) -> MAEConfig:
         overrides: dict[str, Any] = {"norm_pix_loss": self.norm_pix_loss}
         if self.img_size is not None:
             overrides["img_size"] = self.img_size
         return model_from_preset(get_config, self.preset, {**overrides, **self.model})
+
+    def normalization(self) -> Normalization:
+        """The images' channel count (the model's in_chans) with this run's mean and std."""
+        return normalization_for(self.model_config().in_chans, self.mean, self.std)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,10 +103,25 @@ class PretrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise TrainingError(f"unknown pretraining settings: {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**tuples_from_json(d))
 
     def with_overrides(self, assignments: list[str]) -> PretrainConfig:
         return apply_overrides(self, assignments, get_config("mae_vit_base_patch16"))
+
+
+def normalization_for(
+    in_chans: int, mean: tuple[float, ...] | None, std: tuple[float, ...] | None
+) -> Normalization:
+    """``Normalization.for_channels`` with every mistake as one TrainingError."""
+    try:
+        return Normalization.for_channels(in_chans, mean, std)
+    except ValueError as err:
+        raise TrainingError(f"model.in_chans={in_chans}, mean={mean}, std={std}: {err}") from None
+
+
+def tuples_from_json(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON's lists as the tuples the configs hold (mean and std)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def model_from_preset(get: Callable, preset: str, overrides: dict[str, Any]) -> Any:
@@ -201,13 +225,11 @@ def _local_loss_and_grads(
     return loss_and_grads(graphdef, params, fixed, imgs_NxHxWxC, noise, mask_ratio)
 
 
-def to_model_input(imgs: jax.Array) -> jax.Array:
+def to_model_input(imgs: jax.Array, norm: Normalization = IMAGENET) -> jax.Array:
     """Batches arrive as uint8 pixels (a quarter of float32's bytes) and are normalized here, on
-    the device; float batches are taken as already normalized."""
+    the device, with ``norm``; float batches are taken as already normalized."""
     if imgs.dtype == jnp.uint8:
-        from mae_jax.data import normalize_on_device
-
-        return normalize_on_device(imgs)
+        return norm.on_device(imgs)
     return imgs
 
 
@@ -225,26 +247,28 @@ def train_step(
     mask_ratio: float,
     num_patches: int,
     shards: OptimizerShards | None = None,
+    norm: Normalization = IMAGENET,
 ) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
     """One optimizer step on one device, over ``A = accum_iter`` micro-batches [A, N, H, W, C].
 
     The micro-batches' gradients are summed on the device; then one all-reduce (or, with
     ``shards``, one reduce-scatter and one all-gather) and one update: ``p -= lr * tx(grads)``.
     ``tx`` is the optimizer without its learning rate (``optim.pretrain_direction``); ``lr`` comes
-    from the host. Micro-batch i draws its masks for micro-step ``step + i``.
+    from the host. Micro-batch i draws its masks for micro-step ``step + i``. uint8 images are
+    normalised on the device with ``norm``.
     """
     accum = imgs_AxNxHxWxC.shape[0]
     args = (graphdef, mask_ratio, num_patches)
     if accum == 1:
         loss, grads = _local_loss_and_grads(
-            params, fixed, to_model_input(imgs_AxNxHxWxC[0]), key, step, *args
+            params, fixed, to_model_input(imgs_AxNxHxWxC[0], norm), key, step, *args
         )
     else:
 
         def micro(carry, i_imgs):
             i, imgs = i_imgs
             loss_i, grads_i = _local_loss_and_grads(
-                params, fixed, to_model_input(imgs), key, step + i, *args
+                params, fixed, to_model_input(imgs, norm), key, step + i, *args
             )
             return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
 
@@ -357,6 +381,7 @@ def make_train_step(
     mask_ratio: float,
     num_patches: int,
     shards: OptimizerShards | None = None,
+    norm: Normalization = IMAGENET,
 ) -> Callable:
     """The pure per-device step, its static settings bound; collectives over ``AXIS``."""
     return functools.partial(
@@ -366,6 +391,7 @@ def make_train_step(
         mask_ratio=mask_ratio,
         num_patches=num_patches,
         shards=shards,
+        norm=norm,
     )
 
 
@@ -375,6 +401,7 @@ def make_p_train_step(
     mask_ratio: float,
     num_patches: int,
     shards: OptimizerShards | None = None,
+    norm: Normalization = IMAGENET,
 ) -> Callable:
     """``train_step`` over every local device: the only ``jax.pmap`` of training.
 
@@ -383,7 +410,7 @@ def make_p_train_step(
     the base key, the micro-step and the lr, shared by all devices.
     """
     step_fn = make_train_step(
-        graphdef, tx, mask_ratio=mask_ratio, num_patches=num_patches, shards=shards
+        graphdef, tx, mask_ratio=mask_ratio, num_patches=num_patches, shards=shards, norm=norm
     )
     return jax.pmap(
         step_fn, axis_name=AXIS, in_axes=(0, 0, 0, 0, None, None, None), donate_argnums=(0, 1)
@@ -591,7 +618,7 @@ def _default_data_folder() -> str:
     return str(assets.sample_images_dir())
 
 
-def _recon_batch(folder, config: MAEConfig, count: int) -> np.ndarray | None:
+def _recon_batch(folder, config: MAEConfig, count: int, norm: Normalization) -> np.ndarray | None:
     """The first ``count`` readable images of the folder, center-cropped: the fixed figure set."""
     from mae_jax.data import DataError, decode_bytes, square_image
 
@@ -601,19 +628,20 @@ def _recon_batch(folder, config: MAEConfig, count: int) -> np.ndarray | None:
             break
         try:
             encoded, name = folder.read(index)
-            imgs.append(
-                square_image(decode_bytes(encoded, name), config.img_size, center_crop=True)
-            )
+            img = decode_bytes(encoded, name, norm.channels)
+            imgs.append(square_image(img, config.img_size, center_crop=True, norm=norm))
         except (DataError, OSError):
             continue
     return np.stack(imgs) if imgs else None
 
 
-def _write_reconstructions(model, imgs, workdir: Path, step: int, seed: int, mask_ratio: float):
+def _write_reconstructions(
+    model, imgs, workdir: Path, step: int, seed: int, mask_ratio: float, norm: Normalization
+):
     from mae_jax import visualize
 
     figure = visualize.reconstruction_figure(
-        model, imgs, seed=seed, mask_ratio=mask_ratio, note=f"step {step}"
+        model, imgs, seed=seed, mask_ratio=mask_ratio, note=f"step {step}", norm=norm
     )
     visualize.save_png(figure, workdir / "reconstructions" / f"step_{step:08d}.png")
 
@@ -689,6 +717,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     from mae_jax import data as data_lib
 
     model_config = config.model_config()  # a bad model setting fails before anything is made
+    norm = config.normalization()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dtype = compute_dtype(config.dtype)
@@ -718,6 +747,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         read_threads=config.read_threads,
         worker_count=config.worker_count,
         pixels="uint8",
+        norm=norm,
     )
     # ---- model and optimizer
     global_batch = host_batch * jax.process_count()
@@ -757,7 +787,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     # The replicas are the state from here on: free the host copies (1.3 GB for ViT-B).
     del model, params, fixed, opt_state, device_opt
     p_train_step = make_p_train_step(
-        graphdef, tx, config.mask_ratio, model_config.num_patches, shards
+        graphdef, tx, config.mask_ratio, model_config.num_patches, shards, norm
     )
     base_key = jax.random.key(config.seed)
     batches = device_batches(
@@ -768,7 +798,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     is_main = jax.process_index() == 0
     metrics_log = _MetricsLog(workdir, enabled=is_main)
     recon_imgs = (
-        _recon_batch(folder, model_config, config.recon_images)
+        _recon_batch(folder, model_config, config.recon_images, norm)
         if config.recon_every and is_main
         else None
     )
@@ -795,7 +825,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     def write_figure():
         model = nnx.merge(graphdef, unreplicate(state.params), unreplicate(state.fixed))
         _write_reconstructions(
-            model, recon_imgs, workdir, state.step, config.seed, config.mask_ratio
+            model, recon_imgs, workdir, state.step, config.seed, config.mask_ratio, norm
         )
 
     def save():
@@ -965,7 +995,7 @@ def _check_saved_config(workdir: Path, config: PretrainConfig) -> None:
             "remat",
             "shard_optimizer",
         }
-        now = config.to_dict()
+        now = json.loads(json.dumps(config.to_dict()))  # tuples as the saved lists
         # model overrides are compared one by one, so the message names the field
         for name in ("model",):
             for key in sorted(set(saved.get(name) or {}) | set(now.get(name) or {})):

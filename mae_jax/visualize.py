@@ -15,9 +15,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mae_jax.model import patchify, unpatchify
+from mae_jax.normalization import IMAGENET, Normalization
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
-IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+IMAGENET_MEAN = np.array(IMAGENET.mean)
+IMAGENET_STD = np.array(IMAGENET.std)
 
 # The official demo multiplies removed patches by zero in normalized space, which renders them in the
 # ImageNet mean colour (a dull brown that is easy to mistake for image content). A flat mid gray is
@@ -41,7 +42,7 @@ class PanelInputError(ValueError):
 
 
 class Panels(NamedTuple):
-    """Four display images, each [N, H, W, 3] float64 in [0, 1]."""
+    """Four display images, each [N, H, W, C] float64 in [0, 1] (C: 3 for RGB, 1 for gray)."""
 
     original: np.ndarray
     masked: np.ndarray
@@ -49,9 +50,11 @@ class Panels(NamedTuple):
     pasted: np.ndarray
 
 
-def denormalize(imgs_norm_NxHxWx3: np.ndarray) -> np.ndarray:
-    """ImageNet-normalized [N, H, W, 3] -> display space [N, H, W, 3] clipped to [0, 1]."""
-    return np.clip(np.asarray(imgs_norm_NxHxWx3, np.float64) * IMAGENET_STD + IMAGENET_MEAN, 0, 1)
+def denormalize(imgs_norm_NxHxWxC: np.ndarray, norm: Normalization = IMAGENET) -> np.ndarray:
+    """Normalized [N, H, W, C] (ImageNet's statistics by default) -> display space [N, H, W, C]
+    clipped to [0, 1], in float64."""
+    mean, std = np.array(norm.mean, np.float64), np.array(norm.std, np.float64)
+    return np.clip(np.asarray(imgs_norm_NxHxWxC, np.float64) * std + mean, 0, 1)
 
 
 def unnormalize_patches(
@@ -69,9 +72,11 @@ def unnormalize_patches(
     return np.asarray(pred_NxLxP, np.float64) * np.sqrt(var + NORM_PIX_EPS) + mean
 
 
-def _check_inputs(imgs: np.ndarray, pred: np.ndarray, mask: np.ndarray, patch_size: int) -> None:
-    if imgs.ndim != 4 or imgs.shape[-1] != 3:
-        raise PanelInputError(f"images must be [N, H, W, 3], got shape {imgs.shape}")
+def _check_inputs(
+    imgs: np.ndarray, pred: np.ndarray, mask: np.ndarray, patch_size: int, channels: int
+) -> None:
+    if imgs.ndim != 4 or imgs.shape[-1] != channels:
+        raise PanelInputError(f"images must be [N, H, W, {channels}], got shape {imgs.shape}")
     n, h, w, _ = imgs.shape
     if h != w or h % patch_size:
         raise PanelInputError(
@@ -79,10 +84,10 @@ def _check_inputs(imgs: np.ndarray, pred: np.ndarray, mask: np.ndarray, patch_si
             f"got {h}x{w}"
         )
     length = (h // patch_size) ** 2
-    expected_pred = (n, length, patch_size * patch_size * 3)
+    expected_pred = (n, length, patch_size * patch_size * channels)
     if pred.shape != expected_pred:
         raise PanelInputError(
-            f"pred must be [N, L, p*p*3] = {list(expected_pred)} for {n} images of {h}x{w} "
+            f"pred must be [N, L, p*p*{channels}] = {list(expected_pred)} for {n} images of {h}x{w} "
             f"and patch {patch_size}, got {list(pred.shape)}"
         )
     if mask.shape != (n, length):
@@ -96,8 +101,10 @@ def compute_panels(
     *,
     patch_size: int,
     norm_pix_loss: bool,
+    norm: Normalization = IMAGENET,
 ) -> Panels:
-    """Model inputs [N, H, W, 3] (normalized), pred [N, L, p*p*3], mask [N, L] (1 = removed) -> Panels.
+    """Model inputs [N, H, W, C] (normalized with ``norm``, default ImageNet's RGB statistics),
+    pred [N, L, p*p*C], mask [N, L] (1 = removed) -> Panels.
 
     ``original`` is the denormalized input; ``masked`` shows removed patches as flat gray
     (``MASK_GRAY`` = 0.5 in every channel, where the official demo shows the ImageNet mean colour);
@@ -108,17 +115,17 @@ def compute_panels(
     imgs = np.asarray(imgs_norm_NxHxWx3, np.float64)
     pred = np.asarray(pred_NxLxP, np.float64)
     mask = np.asarray(mask_NxL)
-    _check_inputs(imgs, pred, mask, patch_size)
+    _check_inputs(imgs, pred, mask, patch_size, norm.channels)
 
     if norm_pix_loss:
         pred = unnormalize_patches(pred, imgs, patch_size)
-    original = denormalize(imgs)
-    reconstruction = denormalize(np.asarray(unpatchify(pred, patch_size)))
+    original = denormalize(imgs, norm)
+    reconstruction = denormalize(np.asarray(unpatchify(pred, patch_size, norm.channels)), norm)
 
     # One value per pixel: spread each patch's mask entry over its p*p pixels.
     removed_NxL = mask.astype(np.float64) > 0.5
     removed_patches = np.broadcast_to(removed_NxL[..., None], pred.shape).astype(np.float64)
-    removed = np.asarray(unpatchify(removed_patches, patch_size)) > 0.5
+    removed = np.asarray(unpatchify(removed_patches, patch_size, norm.channels)) > 0.5
 
     masked = np.where(removed, MASK_GRAY, original)
     pasted = np.where(removed, reconstruction, original)
@@ -149,7 +156,8 @@ def draw_figure(
     note: str | None = None,
     scale: int | None = None,
 ) -> Image.Image:
-    """Panels of N images [N, H, W, 3] -> an RGB figure: one row per image, one column per panel.
+    """Panels of N images [N, H, W, 3] (or [N, H, W, 1], drawn in gray) -> an RGB figure: one row
+    per image, one column per panel.
 
     Column titles go above the first row and ``note`` (if given) on a line under the grid. Each
     panel is enlarged by ``scale`` (nearest neighbour); by default, the smallest integer factor
@@ -157,10 +165,13 @@ def draw_figure(
     """
     arrays = [np.asarray(p) for p in panels]
     shape = arrays[0].shape
-    if len(shape) != 4 or shape[-1] != 3 or any(a.shape != shape for a in arrays):
+    if len(shape) != 4 or shape[-1] not in (1, 3) or any(a.shape != shape for a in arrays):
         raise PanelInputError(
-            f"all four panels must share one [N, H, W, 3] shape, got {[list(a.shape) for a in arrays]}"
+            "all four panels must share one [N, H, W, 3] or [N, H, W, 1] shape, got "
+            f"{[list(a.shape) for a in arrays]}"
         )
+    if shape[-1] == 1:
+        arrays = [np.repeat(a, 3, axis=-1) for a in arrays]
     if len(titles) != len(arrays):
         raise PanelInputError(f"need {len(arrays)} titles, got {len(titles)}")
     n, h, w, _ = shape
@@ -207,8 +218,10 @@ def reconstruction_figure(
     mask_ratio: float,
     note: str | None = None,
     scale: int | None = None,
+    norm: Normalization = IMAGENET,
 ) -> Image.Image:
-    """Mask, reconstruct and draw: the four-panel figure of an MAE on normalized images.
+    """Mask, reconstruct and draw: the four-panel figure of an MAE on images normalized with
+    ``norm`` (ImageNet's RGB statistics by default; grayscale models draw gray panels).
 
     Masks come from ``jax.random.key(seed)``; a norm-pix model's patches are un-normalized with
     the true patch statistics, and the figure's note says so.
@@ -227,6 +240,7 @@ def reconstruction_figure(
         np.asarray(out.mask),
         patch_size=model.config.patch_size,
         norm_pix_loss=model.config.norm_pix_loss,
+        norm=norm,
     )
     notes = [note] if note else []
     if model.config.norm_pix_loss:

@@ -254,7 +254,9 @@ def test_rand_augment_policy_statistics(monkeypatch):
     calls: list[tuple[str, float]] = []
     for name in ALL_OPS:
         monkeypatch.setitem(
-            augment._APPLY, name, lambda img, arg, name=name: (calls.append((name, arg)), img)[1]
+            augment._APPLY,
+            name,
+            lambda img, arg, fill, name=name: (calls.append((name, arg)), img)[1],
         )
     _, img = _random_image(4, 4)
     rng = np.random.default_rng(0)
