@@ -83,8 +83,13 @@ class _Storage(NamedTuple):
     array: np.ndarray  # 1-D, C-contiguous, owned
 
 
-def read_pth(path: str | os.PathLike, *, progress: bool = False) -> Any:
-    """Object graph of a torch.save zip file, every tensor a NumPy array of its shape and dtype."""
+def read_pth(path: str | os.PathLike, *, progress: bool = False, digest: Any = None) -> Any:
+    """Object graph of a torch.save zip file, every tensor a NumPy array of its shape and dtype.
+
+    ``digest``: a hashlib object (e.g. ``hashlib.sha256()``) to be fed the whole file, byte for
+    byte in order, while it is read: each storage is hashed from the buffer it was read into, on
+    another thread, so the file is not read twice. It is complete when read_pth returns.
+    """
     path = os.fspath(path)
     try:
         file = open(path, "rb")  # closed by the with below
@@ -95,26 +100,105 @@ def read_pth(path: str | os.PathLike, *, progress: bool = False) -> Any:
     except OSError as e:
         raise _fail(path, f"cannot open: {e.strerror or e}") from None
     with file:
-        archive = _Archive(path, file)
-        pickled = archive.read_member(archive.top + "/data.pkl", "data.pkl")
-        with archive.progress_bar(progress) as bar:
-            unpickler = _SafeUnpickler(io.BytesIO(pickled), archive, bar)
-            try:
-                obj = unpickler.load()
-                unpickler.finish()
-            except PthError:
-                raise
-            except Exception as e:  # anything else raised while decoding untrusted bytes
-                raise _fail(path, f"malformed data.pkl ({type(e).__name__}: {e})") from None
+        hasher = None if digest is None else _FileHasher(path, file, digest)
+        try:
+            archive = _Archive(path, file, hasher)
+            pickled = archive.read_member(archive.top + "/data.pkl", "data.pkl")
+            with archive.progress_bar(progress) as bar:
+                unpickler = _SafeUnpickler(io.BytesIO(pickled), archive, bar)
+                try:
+                    obj = unpickler.load()
+                    unpickler.finish()
+                except PthError:
+                    raise
+                except Exception as e:  # anything else raised while decoding untrusted bytes
+                    raise _fail(path, f"malformed data.pkl ({type(e).__name__}: {e})") from None
+            if hasher is not None:
+                hasher.finish()
+        finally:
+            if hasher is not None:
+                hasher.close()
     return obj
+
+
+class _FileHasher:
+    """Feeds a hashlib object the whole file in order, from the buffers the storages are read into.
+
+    ``add(start, buffer)`` is called with each storage's bytes as read from offset ``start``; the
+    bytes between them (zip headers, data.pkl, the directory) are read with pread. The hashing runs
+    on one worker thread (hashlib releases the GIL), in the order of the calls, so it overlaps the
+    reading of the next storage. Storages read out of file order are covered by the gap reads.
+    """
+
+    _GAP_CHUNK = 1 << 24
+
+    def __init__(self, path: str, file: BinaryIO, digest: Any):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._path = path
+        self._fd = file.fileno()
+        self._digest = digest
+        self._done = 0  # bytes [0, _done) are hashed or queued
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pth_io-hash")
+        self._jobs: list = []
+        self._error: BaseException | None = None
+
+    def add(self, start: int, buffer: np.ndarray, *, wait: bool = False) -> None:
+        """Queue ``buffer``, the file's bytes from ``start``; ``wait``: until it is hashed (its
+        bytes are about to change)."""
+        end = start + buffer.nbytes
+        if end <= self._done:
+            return
+        gap = (self._done, start) if start > self._done else None
+        data = memoryview(buffer).cast("B")[max(0, self._done - start) :]
+        self._done = end
+        self._jobs = [j for j in self._jobs if not j.done()]
+        self._jobs.append(self._pool.submit(self._hash, gap, data))
+        if wait:
+            self._wait()
+
+    def finish(self) -> None:
+        size = os.fstat(self._fd).st_size
+        if size > self._done:
+            self._jobs.append(self._pool.submit(self._hash, (self._done, size), None))
+            self._done = size
+        self._wait()
+
+    def _wait(self) -> None:
+        for job in self._jobs:
+            job.result()
+        self._jobs = []
+        if self._error is not None:
+            raise _fail(self._path, f"cannot read it to hash it: {self._error}")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _hash(self, gap: tuple[int, int] | None, data: memoryview | None) -> None:
+        if self._error is not None:
+            return
+        try:
+            if gap is not None:
+                offset, end = gap
+                while offset < end:
+                    chunk = os.pread(self._fd, min(self._GAP_CHUNK, end - offset), offset)
+                    if not chunk:
+                        raise OSError("the file ends early")
+                    self._digest.update(chunk)
+                    offset += len(chunk)
+            if data is not None:
+                self._digest.update(data)
+        except OSError as e:
+            self._error = e
 
 
 class _Archive:
     """The zip container of a .pth file: its top folder and raw access to its records."""
 
-    def __init__(self, path: str, file: BinaryIO):
+    def __init__(self, path: str, file: BinaryIO, hasher: _FileHasher | None = None):
         self.path = path
         self.file = file
+        self.hasher = hasher
         self.file_size = os.fstat(file.fileno()).st_size
         head = file.read(4)
         file.seek(0)
@@ -189,6 +273,8 @@ class _Archive:
             done += got
         if zlib.crc32(buffer) != info.CRC:
             raise _fail(self.path, f"{what} fails its CRC check: the file is corrupt")
+        if self.hasher is not None:  # its bytes change next if they are to be byte-swapped
+            self.hasher.add(start, buffer, wait=self.byteorder != sys.byteorder)
         return buffer
 
     def _data_offset(self, info: zipfile.ZipInfo, what: str) -> int:

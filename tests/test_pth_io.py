@@ -228,6 +228,44 @@ def test_progress_bar(tmp_path, capsys):
     assert "p.pth" in capsys.readouterr().err
 
 
+def test_digest_of_the_whole_file_while_reading(tmp_path):
+    import hashlib
+
+    def check(path: Path) -> None:
+        digest = hashlib.sha256()
+        assert_same(read_pth(path, digest=digest), torch_load(path))
+        assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest(), path
+
+    for path in GOLDEN_FILES:
+        check(path)
+    # Storages out of file order (the pickle asks for key 1 before key 0), a shared storage read
+    # once, a big-endian file (swapped in place after hashing) and a storage over 1 MiB.
+    big = torch.arange(300_000, dtype=torch.float32)
+    a, b = torch.ones(5), torch.zeros(7)
+    torch.save({"b": b, "a": a, "again": a[1:], "big": big}, tmp_path / "order.pth")
+    with zipfile.ZipFile(tmp_path / "order.pth") as z:
+        reordered = tmp_path / "reordered.pth"
+        with zipfile.ZipFile(reordered, "w", zipfile.ZIP_STORED) as out:
+            for name in sorted(z.namelist(), key=lambda n: n.endswith("/data/1")):
+                out.writestr(name, z.read(name))
+    check(tmp_path / "order.pth")
+    check(reordered)
+    little = tmp_path / "little.pth"
+    torch.save({"x": torch.arange(6, dtype=torch.float32)}, little)
+
+    def to_big_endian(name: str, data: bytes) -> bytes:
+        if name.endswith("/byteorder"):
+            return b"big"
+        if "/data/" in name:
+            return np.frombuffer(data, "<f4").astype(">f4").tobytes()
+        return data
+
+    rewrite_zip(little, tmp_path / "big.pth", to_big_endian)
+    digest = hashlib.sha256()
+    np.testing.assert_array_equal(read_pth(tmp_path / "big.pth", digest=digest)["x"], np.arange(6))
+    assert digest.hexdigest() == hashlib.sha256((tmp_path / "big.pth").read_bytes()).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------
 # Writing for torch
 # ------------------------------------------------------------------------------------------------
