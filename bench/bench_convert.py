@@ -136,6 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         f"worst peak {worst_peak:.2f}x the file (bound {PEAK_BOUND}x); conversion "
         f"{worst_time:.2f}x read_pth's time (bound {TIME_BOUND}x)"
     )
+    # The context of the figures: this machine's speed and load in this run (needs torch).
+    sys.path.insert(0, str(REPO / "bench"))
+    import _common
+
+    try:
+        print(f"machine: {_common.machine_line()}")
+        print(_common.calibration_line())
+    except ImportError as e:
+        print(f"(no machine/calibration line: {e})")
     return 0
 
 

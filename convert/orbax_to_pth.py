@@ -16,8 +16,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np
-
 from convert import mapping
 from convert.pth_io import PthError, write_pth
 from mae_jax._memory import return_large_blocks_to_the_system
@@ -30,14 +28,10 @@ def export_pth(checkpoint: str | Path, dst: str | Path, *, force: bool = False) 
     return_large_blocks_to_the_system()
     if dst.exists() and not force:
         raise FileExistsError(f"{dst}: already exists (pass --force to replace it)")
-    # One tensor at a time, each array dropped once converted: the model is never held twice.
-    flat = mapping.flatten_tree(load_state(checkpoint))
-    state_dict = {}
-    for path in list(flat):
-        state_dict[mapping.official_key(path)] = mapping.to_official(
-            path, np.asarray(flat.pop(path))
-        )
-    write_pth({"model": mapping.in_official_order(state_dict)}, dst)
+    # One tensor at a time, each array dropped once converted, a kernel transposed into the memory
+    # of one already converted: the model is never held twice, and little new memory is touched.
+    state_dict = mapping.official_from_state_consuming(mapping.flatten_tree(load_state(checkpoint)))
+    write_pth({"model": state_dict}, dst)
     return dst
 
 

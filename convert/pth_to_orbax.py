@@ -33,7 +33,7 @@ import numpy as np
 from convert import mapping
 from convert.pth_io import PthError, read_pth
 from mae_jax._memory import return_large_blocks_to_the_system
-from mae_jax.checkpoint import CheckpointError, build_model, read_metadata, save_model
+from mae_jax.checkpoint import CheckpointError, abstract_model, read_metadata, save_model
 from mae_jax.config import PRESETS, VIT_PRESETS, MAEConfig, ViTConfig
 from mae_jax.pos_embed import sincos_2d
 
@@ -59,14 +59,6 @@ def extract_state_dict(obj: object, src: Path) -> dict[str, np.ndarray]:
     if all(str(k).startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _norm_pix_from_name(src: Path, family: str) -> tuple[bool, str]:
@@ -109,7 +101,8 @@ def convert_pth(
     return_large_blocks_to_the_system()
     if out.exists() and not force:
         raise ConversionError(f"{out}: already exists (pass --force to replace it)")
-    sd = extract_state_dict(read_pth(src, progress=progress), src)
+    digest = hashlib.sha256()  # of the file, computed while it is read
+    sd = extract_state_dict(read_pth(src, progress=progress, digest=digest), src)
     try:
         family = mapping.detect_family(sd)
         ignore: tuple[str, ...] = ()
@@ -162,18 +155,21 @@ def convert_pth(
         import jax
         from flax import nnx
 
-        abstract = nnx.eval_shape(lambda: build_model(model_type, config))
+        abstract = abstract_model(model_type, config)
         graphdef, state = nnx.split(abstract)
         gaps = {k: _pos_table_gap(sd, k) for k in ("pos_embed", "decoder_pos_embed")}
         # One tensor at a time: each is transposed, made a JAX array and its source dropped, so
-        # the model is never held twice (peak memory about the file's size).
+        # the model is never held twice (peak memory about the file's size). A kernel is
+        # transposed into the memory of an earlier one of its size (reuse), and the JAX arrays use
+        # the NumPy arrays' memory where it is aligned (may_alias): no copies beyond the transposes.
         values, report = mapping.state_from_official(
             sd,
             nnx.to_pure_dict(state),
             ignore=ignore,
             defaults=defaults,
-            finish=jax.numpy.asarray,
+            finish=lambda value: jax.device_put(value, may_alias=True),
             consume=True,
+            reuse=True,
         )
     except mapping.MappingError as e:
         raise ConversionError(f"{src}: {e}") from None
@@ -184,7 +180,7 @@ def convert_pth(
         "preset": preset,
         "head_counts": inferred.heads,
         "family": family,
-        "source": {"file": src.name, "sha256": _sha256(src), "bytes": src.stat().st_size},
+        "source": {"file": src.name, "sha256": digest.hexdigest(), "bytes": src.stat().st_size},
         "converter_version": CONVERTER_VERSION,
         "norm_pix_loss_source": norm_pix_source,
         "ignored_keys": report.ignored,

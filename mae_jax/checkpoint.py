@@ -58,6 +58,38 @@ def build_model(
     return MaskedAutoencoderViT(config, rngs=rngs, with_decoder=model_type == "mae", dtype=dtype)
 
 
+class _OneKey:
+    """Stands in for ``nnx.Rngs`` where only shapes are wanted: every stream gives the same key.
+
+    Tracing ``nnx.Rngs`` costs seconds for a large model: each draw updates a traced counter, and
+    for each update jax composes an error text (the "sharding not available" message) by walking
+    the whole trace so far, so the cost grows with the square of the parameter count.
+    """
+
+    def __init__(self) -> None:
+        self._key: jax.Array | None = None
+
+    def _draw(self) -> jax.Array:
+        if self._key is None:
+            self._key = jax.random.key(0)
+        return self._key
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._draw
+
+
+def abstract_model(
+    model_type: str, config: MAEConfig | ViTConfig, *, dtype: Any = jnp.float32
+) -> nnx.Module:
+    """The model of this type and config with shape-and-dtype stand-ins for its arrays.
+
+    The same as ``nnx.eval_shape(lambda: build_model(...))``, about 7x faster (ViT-L: 0.5 s).
+    """
+    return nnx.eval_shape(lambda: build_model(model_type, config, rngs=_OneKey(), dtype=dtype))
+
+
 def model_type_of(model: nnx.Module) -> str:
     if isinstance(model, MaskedAutoencoderViT):
         return "mae" if model.with_decoder else "mae_encoder"
@@ -150,7 +182,9 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Modu
     """The model stored in the checkpoint directory ``path`` (architecture from its metadata)."""
     graphdef, abstract_state, leaves, treedef = _restore(path, dtype)
     for i, want in enumerate(jax.tree.leaves(abstract_state)):
-        leaves[i] = jnp.asarray(leaves[i], dtype=want.dtype)  # one at a time, the host copy freed
+        # One at a time, each host copy freed once its device copy is done (the copies are
+        # asynchronous: without the wait the host arrays can pile up, ~1.7x the model).
+        leaves[i] = jnp.asarray(leaves[i], dtype=want.dtype).block_until_ready()
     nnx.replace_by_pure_dict(abstract_state, jax.tree.unflatten(treedef, leaves))
     return nnx.merge(graphdef, abstract_state)
 
@@ -176,7 +210,7 @@ def _restore(path: str | os.PathLike, dtype: Any) -> tuple:
         config = CONFIG_CLASSES[meta["model_type"]].from_dict(meta["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path / METADATA_FILE}: bad config ({e})") from None
-    abstract = nnx.eval_shape(lambda: build_model(meta["model_type"], config, dtype=dtype))
+    abstract = abstract_model(meta["model_type"], config, dtype=dtype)
     graphdef, abstract_state = nnx.split(abstract)
     target = nnx.to_pure_dict(abstract_state)
     params_dir = path / PARAMS_DIR

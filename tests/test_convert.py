@@ -213,6 +213,54 @@ def test_name_table_rules():
     np.testing.assert_array_equal(mapping.from_official(("head", "kernel"), lin), lin.T)
 
 
+def test_kernels_reuse_only_buffers_they_alone_use():
+    """With reuse, a consumed kernel's memory takes a later kernel's transpose, unless shared."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 4)).astype(np.float32)
+    shared = rng.standard_normal((2, 6, 4)).astype(np.float32)  # two kernels in one buffer
+    sd = {
+        "x.weight": a.copy(),
+        "y.weight": a.copy() + 1,
+        "s.weight": shared[0],
+        "t.weight": shared[1],
+        "u.weight": rng.standard_normal((6, 4)).astype(np.float32),
+        "conv.weight": rng.standard_normal((3, 2, 4, 4)).astype(np.float32),
+    }
+    want = {k: mapping.from_official((k, "kernel"), v) for k, v in sd.items()}
+    target = {k.split(".")[0]: {"kernel": np.zeros(w.shape, np.float32)} for k, w in want.items()}
+    buffer_of_x = mapping._root(sd["x.weight"])
+    originals = {k: v.copy() for k, v in sd.items()}
+    out, _ = mapping.state_from_official(dict(sd), target, consume=True, reuse=True)
+    for key, w in want.items():
+        np.testing.assert_array_equal(out[key.split(".")[0]]["kernel"], w)
+    # y's transpose went into x's old buffer; the shared buffer was never overwritten.
+    assert mapping._root(out["y"]["kernel"]) is buffer_of_x
+    np.testing.assert_array_equal(shared[0], originals["s.weight"])
+    np.testing.assert_array_equal(shared[1], originals["t.weight"])
+
+
+def test_abstract_model_is_eval_shape_of_the_model():
+    import jax
+    from flax import nnx
+
+    from mae_jax.checkpoint import abstract_model, build_model
+    from mae_jax.config import PRESETS, VIT_PRESETS
+
+    mae = PRESETS["mae_vit_tiny_patch4"]
+    vit = next(iter(VIT_PRESETS.values())).replace(depth=2)
+    cases = [("mae", mae), ("mae_encoder", mae), ("vit_classifier", vit)]
+    cases.append(("vit_classifier", vit.replace(global_pool=not vit.global_pool)))
+    for model_type, config in cases:
+        fast = nnx.split(abstract_model(model_type, config))
+        slow = nnx.split(nnx.eval_shape(lambda: build_model(model_type, config)))  # noqa: B023
+        assert fast[0] == slow[0], model_type
+        fast_leaves = jax.tree_util.tree_leaves_with_path(fast[1])
+        slow_leaves = jax.tree_util.tree_leaves_with_path(slow[1])
+        assert [(p, x.shape, x.dtype) for p, x in fast_leaves] == [
+            (p, x.shape, x.dtype) for p, x in slow_leaves
+        ], model_type
+
+
 # ------------------------------------------------------------------ bad input
 
 
