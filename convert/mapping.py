@@ -14,6 +14,7 @@ architecture from its tensor shapes.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -159,40 +160,29 @@ def state_from_official(
         else:
             source = state_dict.pop(key) if consume else state_dict[key]
         dtype = np.dtype(flat_target[path].dtype)
-        if path[-1] == "kernel" and np.ndim(source) in (2, 4) and np.asarray(source).dtype == dtype:
-            source = np.asarray(source)
-            value = spare.take(official_shape_inverse(source.shape), dtype) if spare else None
-            value = _permute_kernel(source, value)
-            if spare is not None:
-                spare.give(source)
+        source = np.asarray(source)
+        if path[-1] == "kernel" and source.ndim in (2, 4) and source.dtype == dtype:
+            value = _permute(source, (2, 3, 1, 0), spare)
         else:
-            value = from_official(path, np.asarray(source)).astype(dtype, copy=False)
+            value = from_official(path, source).astype(dtype, copy=False)
         del source
         out[path] = value if finish is None else finish(value)
         del value
     return unflatten_tree(out), report
 
 
-def official_shape_inverse(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The mae-jax kernel shape of an official weight of ``shape`` (the inverse of official_shape)."""
-    if len(shape) == 4:
-        return (shape[2], shape[3], shape[1], shape[0])
-    return tuple(reversed(shape))
-
-
 # Source rows per step of a 2-D transpose: the fastest measured here (2-4x a plain np.copyto).
 _TRANSPOSE_ROWS = 8
 
 
-def _permute_kernel(source: np.ndarray, into: np.ndarray | None = None) -> np.ndarray:
-    """An official weight in the mae-jax kernel layout, written into ``into`` (or a new array)."""
-    return _permute(source, (2, 3, 1, 0), into)
-
-
-def _permute(source: np.ndarray, conv_axes: tuple, into: np.ndarray | None) -> np.ndarray:
-    """``source`` transposed (2-D) or permuted by ``conv_axes`` (4-D) into ``into`` or a new array."""
+def _permute(
+    source: np.ndarray, conv_axes: tuple, spare: _SpareBuffers | None = None
+) -> np.ndarray:
+    """``source`` transposed (2-D) or permuted by ``conv_axes`` (4-D) into a spare buffer of its
+    size (then ``source``'s own buffer becomes spare) or a new array."""
     axes = conv_axes if source.ndim == 4 else tuple(reversed(range(source.ndim)))
     shape = tuple(source.shape[a] for a in axes)
+    into = None if spare is None else spare.take(shape, source.dtype)
     if into is None:
         into = _new_array(shape, source.dtype)
     if source.ndim == 2:
@@ -203,6 +193,8 @@ def _permute(source: np.ndarray, conv_axes: tuple, into: np.ndarray | None) -> n
             into[:, i : i + rows] = source[i : i + rows].T
     else:
         np.copyto(into, source.transpose(axes))
+    if spare is not None:
+        spare.give(source)
     return into
 
 
@@ -214,10 +206,7 @@ def _new_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """
     from convert.pth_io import _new_buffer
 
-    count = 1
-    for n in shape:
-        count *= n
-    return _new_buffer(count * np.dtype(dtype).itemsize).view(dtype).reshape(shape)
+    return _new_buffer(math.prod(shape) * np.dtype(dtype).itemsize).view(dtype).reshape(shape)
 
 
 class _SpareBuffers:
@@ -233,10 +222,7 @@ class _SpareBuffers:
         self._free: dict[int, list[np.ndarray]] = {}
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
-        count = 1
-        for n in shape:
-            count *= n
-        free = self._free.get(count * dtype.itemsize)
+        free = self._free.get(math.prod(shape) * dtype.itemsize)
         return free.pop().view(dtype).reshape(shape) if free else None
 
     def give(self, source: np.ndarray) -> None:
@@ -276,9 +262,7 @@ def official_from_state_consuming(flat: dict[Path, Any]) -> dict[str, np.ndarray
     for path in list(flat):
         value = np.asarray(flat.pop(path))
         if path[-1] == "kernel" and value.ndim in (2, 4):
-            shape = official_shape(path, value.shape)
-            result = _permute(value, (3, 2, 0, 1), spare.take(shape, value.dtype))
-            spare.give(value)
+            result = _permute(value, (3, 2, 0, 1), spare)
         else:
             result = to_official(path, value)
         del value
