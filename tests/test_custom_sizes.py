@@ -21,6 +21,7 @@ import mae_jax
 from convert import orbax_to_pth, parity, pth_to_orbax
 from mae_jax.config import MAEConfig, ViTConfig
 from tests.test_classifier import official_pth_of
+from tests.test_train import _cfg
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -173,21 +174,8 @@ def _folder(root: Path, n: int = 16) -> Path:
 
 
 def _pretrain_settings(data: Path, **kw):
-    from mae_jax import train
-
-    base = dict(
-        preset="mae_vit_tiny_patch4",
-        data=str(data),
-        batch_size=1,
-        epochs=10,
-        warmup_epochs=1,
-        log_every=1,
-        ckpt_every=2,
-        recon_every=0,
-        read_threads=2,
-        worker_count=0,
-    )
-    return train.PretrainConfig(**(base | kw))
+    """test_train's tiny pretraining run, 10 epochs, the lr from blr, a checkpoint every 2 steps."""
+    return _cfg(data, **({"epochs": 10, "lr": None, "ckpt_every": 2} | kw))
 
 
 def test_pretraining_a_custom_model_resumes_and_refuses_another_model(tmp_path):

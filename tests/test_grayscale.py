@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
-from test_train import _cfg
 
 import mae_jax
 from mae_jax import cli, data, masking, train
 from mae_jax.checkpoint import read_metadata
 from mae_jax.normalization import Normalization
+from tests.test_train import _cfg
 
 TINY = "mae_vit_tiny_patch4"  # image 32, patch 4
 GRAY = Normalization((0.5,), (0.25,))
