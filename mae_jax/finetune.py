@@ -37,7 +37,7 @@ from mae_jax.classifier import (
     init_classifier_from_mae,
 )
 from mae_jax.config import get_vit_config
-from mae_jax.normalization import Normalization, as_metadata, recorded_normalization
+from mae_jax.normalization import Normalization, as_metadata
 from mae_jax.train import (
     AXIS,
     Checkpoints,
@@ -52,6 +52,7 @@ from mae_jax.train import (
     check_finite,
     compute_dtype,
     model_from_preset,
+    normalization_for,
     plan_steps,
     replicate,
     shard_batch,
@@ -314,19 +315,6 @@ def _transform(config: FinetuneConfig, norm: Normalization):
     )
 
 
-def run_normalization(config: FinetuneConfig, in_chans: int) -> Normalization:
-    """The run's pixel normalisation: its mean and std, else those ``config.init`` records, else
-    the default of ``in_chans`` channels; TrainingError if they do not fit the model."""
-    try:
-        if config.init:
-            return recorded_normalization(config.init, in_chans, config.mean, config.std)
-        return Normalization.for_channels(in_chans, config.mean, config.std)
-    except ValueError as err:
-        raise TrainingError(
-            f"model.in_chans={in_chans}, mean={config.mean}, std={config.std}: {err}"
-        ) from None
-
-
 def _targets(config: FinetuneConfig, images, labels, rng, num_classes):
     """Soft targets of a host batch: mixup/cutmix with smoothing, or smoothed one-hot."""
     if config.mode == "finetune" and (config.mixup > 0 or config.cutmix > 0):
@@ -373,7 +361,7 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
     if config.mode == "finetune" and config.mixup + config.cutmix > 0 and host_batch % 2:
         raise TrainingError(f"mixup needs an even batch per host, got {host_batch}")
     model = build_model(config, num_classes, dtype)
-    norm = run_normalization(config, model.config.in_chans)
+    norm = normalization_for(model.config.in_chans, config.mean, config.std, config.init)
     img_size = model.config.img_size
     loader = data_lib.pretrain_batches(
         folder,

@@ -31,7 +31,7 @@ from flax import nnx
 from mae_jax import masking, optim
 from mae_jax.config import MAEConfig, get_config, parse_setting
 from mae_jax.model import FixedEmbedding, MaskedAutoencoderViT
-from mae_jax.normalization import IMAGENET, Normalization
+from mae_jax.normalization import IMAGENET, Normalization, recorded_normalization
 
 AXIS = "devices"  # the pmap axis name
 
@@ -90,10 +90,6 @@ class PretrainConfig:
             overrides["img_size"] = self.img_size
         return model_from_preset(get_config, self.preset, {**overrides, **self.model})
 
-    def normalization(self) -> Normalization:
-        """The images' channel count (the model's in_chans) with this run's mean and std."""
-        return normalization_for(self.model_config().in_chans, self.mean, self.std)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -110,10 +106,17 @@ class PretrainConfig:
 
 
 def normalization_for(
-    in_chans: int, mean: tuple[float, ...] | None, std: tuple[float, ...] | None
+    in_chans: int,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+    init: str | None = None,
 ) -> Normalization:
-    """``Normalization.for_channels`` with every mistake as one TrainingError."""
+    """A run's pixel normalisation: ``in_chans`` channels, its ``mean`` and ``std`` where set,
+    else what the ``init`` checkpoint records (``recorded_normalization``), else the defaults.
+    Every mistake is one TrainingError."""
     try:
+        if init:
+            return recorded_normalization(init, in_chans, mean, std)
         return Normalization.for_channels(in_chans, mean, std)
     except ValueError as err:
         raise TrainingError(f"model.in_chans={in_chans}, mean={mean}, std={std}: {err}") from None
@@ -717,7 +720,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     from mae_jax import data as data_lib
 
     model_config = config.model_config()  # a bad model setting fails before anything is made
-    norm = config.normalization()
+    norm = normalization_for(model_config.in_chans, config.mean, config.std)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dtype = compute_dtype(config.dtype)
