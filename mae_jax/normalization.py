@@ -18,8 +18,6 @@ import numpy as np
 if TYPE_CHECKING:
     import jax
 
-IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), dtype=np.float32)
-IMAGENET_STD = np.array((0.229, 0.224, 0.225), dtype=np.float32)
 # Grayscale default: the means of ImageNet's three channel statistics (as timm does for 1 channel).
 GRAY_MEAN = (0.449,)
 GRAY_STD = (0.226,)
@@ -132,6 +130,8 @@ class Normalization:
 
 # From the decimal constants: float32 tables as before, float64 for the figures' arithmetic.
 IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET_MEAN = np.array(IMAGENET.mean, dtype=np.float32)
+IMAGENET_STD = np.array(IMAGENET.std, dtype=np.float32)
 
 
 def recorded_normalization(

@@ -17,9 +17,6 @@ from PIL import Image, ImageDraw, ImageFont
 from mae_jax.model import patchify, unpatchify
 from mae_jax.normalization import IMAGENET, Normalization
 
-IMAGENET_MEAN = np.array(IMAGENET.mean)
-IMAGENET_STD = np.array(IMAGENET.std)
-
 # The official demo multiplies removed patches by zero in normalized space, which renders them in the
 # ImageNet mean colour (a dull brown that is easy to mistake for image content). A flat mid gray is
 # unmistakable, so removed patches are shown as MASK_GRAY in every channel.
