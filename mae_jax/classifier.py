@@ -19,11 +19,13 @@ from flax import nnx
 
 from mae_jax.config import ViTConfig
 from mae_jax.model import (
+    RESIDUAL_DTYPE,
     Block,
     Dtype,
     MaskedAutoencoderViT,
     PatchEmbed,
-    _layer_norm,
+    layer_norm,
+    linear,
     materialized_gradient,
 )
 from mae_jax.pos_embed import sincos_2d
@@ -99,17 +101,11 @@ class VisionTransformer(nnx.Module):
             ]
         )
         if c.global_pool:
-            self.fc_norm = _layer_norm(d, c.layer_norm_eps, dtype, rngs)
+            self.fc_norm = layer_norm(d, c.layer_norm_eps, rngs)
         else:
-            self.norm = _layer_norm(d, c.layer_norm_eps, dtype, rngs)
-        self.head = nnx.Linear(
-            d,
-            c.num_classes,
-            kernel_init=nnx.initializers.normal(head_init_std),
-            bias_init=nnx.initializers.zeros,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            rngs=rngs,
+            self.norm = layer_norm(d, c.layer_norm_eps, rngs)
+        self.head = linear(
+            d, c.num_classes, dtype, rngs, kernel_init=nnx.initializers.normal(head_init_std)
         )
 
     def drop_path_rates(self) -> list[float]:
@@ -136,8 +132,9 @@ class VisionTransformer(nnx.Module):
         if stages is not None:
             stages["patch_embed"] = x
         n, _, d = x.shape
-        cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (n, 1, d))
-        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+        # The residual stream in float32 from here on, whatever the compute dtype (model.py).
+        cls = jnp.broadcast_to(self.cls_token[...], (n, 1, d))
+        x = jnp.concatenate([cls, x.astype(RESIDUAL_DTYPE)], axis=1) + self.pos_embed[...]
         if stages is not None:
             stages["enc_in"] = x
         keys = jax.random.split(key, self.config.depth) if use_drop else [None] * self.config.depth

@@ -57,26 +57,63 @@ def unpatchify(patches_NxLxP: jax.Array, patch_size: int, channels: int = 3) -> 
     return x.reshape(n, g * p, g * p, channels)
 
 
+# --------------------------------------------------------------------------- precision
+#
+# What a compute dtype means, as torch autocast does it. Parameters are float32 whatever it is.
+# - float32: every matmul, einsum and convolution at full float32 precision on every platform
+#   (Precision.HIGHEST on the op, so no context is needed: XLA's DEFAULT would be one bfloat16
+#   pass on TPU and TF32 on recent GPUs).
+# - bfloat16 (or float16): the inputs of matmuls and attention in that dtype, one pass of it
+#   (DEFAULT); the residual stream, the position-table and token adds, LayerNorm, softmax and
+#   the loss in float32 (RESIDUAL_DTYPE), as autocast keeps them.
+
+RESIDUAL_DTYPE = jnp.float32
+
+
+def matmul_precision(dtype: Dtype) -> jax.lax.Precision:
+    """The precision the model's matmuls ask for with compute ``dtype``: HIGHEST for float32
+    (and wider), DEFAULT for the 16-bit types."""
+    if jnp.dtype(dtype).itemsize < 4:
+        return jax.lax.Precision.DEFAULT
+    return jax.lax.Precision.HIGHEST
+
+
 # --------------------------------------------------------------------------- layers
 
 
-def _linear(din: int, dout: int, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    # xavier-uniform on the whole matrix (the fused qkv included), zero bias: the official init.
+def linear(din: int, dout: int, dtype: Dtype, rngs: nnx.Rngs, **init) -> nnx.Linear:
+    """A Linear computing in ``dtype`` at ``matmul_precision(dtype)``, float32 parameters.
+
+    Default init: xavier-uniform on the whole matrix (the fused qkv included), zero bias, the
+    official one; ``init`` may replace kernel_init / bias_init.
+    """
+    init = {
+        "kernel_init": nnx.initializers.xavier_uniform(),
+        "bias_init": nnx.initializers.zeros,
+        **init,
+    }
     return nnx.Linear(
         din,
         dout,
-        kernel_init=nnx.initializers.xavier_uniform(),
-        bias_init=nnx.initializers.zeros,
         dtype=dtype,
         param_dtype=jnp.float32,
+        precision=matmul_precision(dtype),
         rngs=rngs,
+        **init,
     )
 
 
-def _layer_norm(dim: int, eps: float, dtype: Dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm in float32 whatever the compute dtype (autocast's rule); a following Linear
+    casts its output to the compute dtype."""
     # use_fast_variance=False: E[(x - mean)^2], which rounds like torch's LayerNorm.
     return nnx.LayerNorm(
-        dim, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+        dim,
+        epsilon=eps,
+        use_fast_variance=False,
+        dtype=RESIDUAL_DTYPE,
+        param_dtype=jnp.float32,
+        rngs=rngs,
     )
 
 
@@ -103,11 +140,12 @@ class PatchEmbed(nnx.Module):
             ),
             dtype=dtype,
             param_dtype=jnp.float32,
+            precision=matmul_precision(dtype),
             rngs=rngs,
         )
 
     def __call__(self, imgs_NxHxWxC: jax.Array) -> jax.Array:
-        """Every patch -> [N, L, D], row-major."""
+        """Every patch -> [N, L, D] in the compute dtype, row-major."""
         return self.embed(patchify(imgs_NxHxWxC, self.patch_size))
 
     def embed(self, patches_NxKxP: jax.Array) -> jax.Array:
@@ -123,6 +161,7 @@ class PatchEmbed(nnx.Module):
             "nkp,pd->nkd",
             patches_NxKxP.astype(dtype),
             kernel.reshape(-1, kernel.shape[-1]).astype(dtype),
+            precision=self.proj.precision,
         )
         return x + self.proj.bias[...].astype(dtype)
 
@@ -131,8 +170,8 @@ class Attention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, dtype: Dtype, rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = _linear(dim, 3 * dim, dtype, rngs)
-        self.proj = _linear(dim, dim, dtype, rngs)
+        self.qkv = linear(dim, 3 * dim, dtype, rngs)
+        self.proj = linear(dim, dim, dtype, rngs)
 
     def __call__(self, x_NxTxD: jax.Array) -> jax.Array:
         n, t, d = x_NxTxD.shape
@@ -165,10 +204,14 @@ def _xla_attention(qkv_NxTx3xHxC: jax.Array, scale: float) -> jax.Array:
     """
     n, t, _, h, c = qkv_NxTx3xHxC.shape
     q, k, v = qkv_NxTx3xHxC.transpose(2, 0, 3, 1, 4)
-    logits = jnp.einsum("nhqc,nhkc->nhqk", q, k, preferred_element_type=jnp.float32) * scale
+    precision = matmul_precision(qkv_NxTx3xHxC.dtype)  # the compute dtype, as qkv's output
+    logits = jnp.einsum(
+        "nhqc,nhkc->nhqk", q, k, preferred_element_type=jnp.float32, precision=precision
+    )
+    logits = logits * scale
     peak = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
     unnormalized = jnp.exp(logits - peak)
-    out = jnp.einsum("nhqk,nhkc->nhqc", unnormalized.astype(v.dtype), v)
+    out = jnp.einsum("nhqk,nhkc->nhqc", unnormalized.astype(v.dtype), v, precision=precision)
     out = out / unnormalized.sum(axis=-1, keepdims=True).astype(out.dtype)
     return out.transpose(0, 2, 1, 3).reshape(n, t, h * c)
 
@@ -215,8 +258,8 @@ def cudnn_attention_available() -> bool:
 
 class Mlp(nnx.Module):
     def __init__(self, dim: int, hidden: int, dtype: Dtype, rngs: nnx.Rngs):
-        self.fc1 = _linear(dim, hidden, dtype, rngs)
-        self.fc2 = _linear(hidden, dim, dtype, rngs)
+        self.fc1 = linear(dim, hidden, dtype, rngs)
+        self.fc2 = linear(hidden, dim, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(gelu(self.fc1(x)))
@@ -232,16 +275,20 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    The residual stream x stays float32 (``RESIDUAL_DTYPE``); the branches compute in ``dtype``
+    and their outputs are added to it in float32.
+    """
 
     def __init__(self, dim, num_heads, mlp_ratio, eps, dtype: Dtype, rngs: nnx.Rngs):
-        self.norm1 = _layer_norm(dim, eps, dtype, rngs)
+        self.norm1 = layer_norm(dim, eps, rngs)
         self.attn = Attention(dim, num_heads, dtype, rngs)
-        self.norm2 = _layer_norm(dim, eps, dtype, rngs)
+        self.norm2 = layer_norm(dim, eps, rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs)
 
     def __call__(self, x_NxTxD: jax.Array) -> jax.Array:
-        x = materialized_gradient(x_NxTxD)
+        x = materialized_gradient(x_NxTxD.astype(RESIDUAL_DTYPE))
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -352,21 +399,21 @@ class MaskedAutoencoderViT(nnx.Module):
                 for _ in range(c.depth)
             ]
         )
-        self.norm = _layer_norm(c.embed_dim, c.layer_norm_eps, dtype, rngs)
+        self.norm = layer_norm(c.embed_dim, c.layer_norm_eps, rngs)
         if not with_decoder:
             return
         dd = c.decoder_embed_dim
         self.mask_token = nnx.Param(normal(rngs.params(), (1, 1, dd), jnp.float32))
         self.decoder_pos_embed = FixedEmbedding(jnp.asarray(sincos_2d(dd, c.grid_size))[None])
-        self.decoder_embed = _linear(c.embed_dim, dd, dtype, rngs)
+        self.decoder_embed = linear(c.embed_dim, dd, dtype, rngs)
         self.decoder_blocks = nnx.List(
             [
                 Block(dd, c.decoder_num_heads, c.mlp_ratio, c.layer_norm_eps, dtype, rngs)
                 for _ in range(c.decoder_depth)
             ]
         )
-        self.decoder_norm = _layer_norm(dd, c.layer_norm_eps, dtype, rngs)
-        self.decoder_pred = _linear(dd, c.patch_dim, dtype, rngs)
+        self.decoder_norm = layer_norm(dd, c.layer_norm_eps, rngs)
+        self.decoder_pred = linear(dd, c.patch_dim, dtype, rngs)
 
     def _run_block(self, block: Block, x_NxTxD: jax.Array) -> jax.Array:
         if self.remat == "none":
@@ -391,7 +438,7 @@ class MaskedAutoencoderViT(nnx.Module):
         x = self.patch_embed(imgs_NxHxWxC.astype(self.dtype))
         if stages is not None:
             stages["patch_embed"] = x
-        return x + self.pos_embed[...][:, 1:, :].astype(x.dtype)
+        return x.astype(RESIDUAL_DTYPE) + self.pos_embed[...][:, 1:, :]
 
     def _embed_visible(self, imgs_NxHxWxC: jax.Array, ids_keep_NxK: jax.Array) -> jax.Array:
         """The kept patches only, embedded with their position: the same function as embedding
@@ -402,7 +449,7 @@ class MaskedAutoencoderViT(nnx.Module):
         kept = jnp.take_along_axis(patches, ids_keep_NxK[:, :, None], axis=1)
         x = self.patch_embed.embed(kept)
         pos = jnp.take_along_axis(self.pos_embed[...][0, 1:, :][None], ids_keep_NxK[:, :, None], 1)
-        return x + pos.astype(x.dtype)
+        return x.astype(RESIDUAL_DTYPE) + pos
 
     def _run_encoder(self, x_NxKxD: jax.Array, stages: dict | None) -> jax.Array:
         cls = (self.cls_token[...] + self.pos_embed[...][:, :1, :]).astype(x_NxKxD.dtype)
@@ -451,7 +498,7 @@ class MaskedAutoencoderViT(nnx.Module):
     ) -> jax.Array:
         """Latent [N, 1 + K, D] -> predicted patches [N, L, P] in spatial order."""
         self._require_decoder()
-        x = self.decoder_embed(latent_NxTxD)
+        x = self.decoder_embed(latent_NxTxD).astype(RESIDUAL_DTYPE)
         if stages is not None:
             stages["dec_embed"] = x
         n, length = ids_restore_NxL.shape
@@ -462,7 +509,7 @@ class MaskedAutoencoderViT(nnx.Module):
         x_ = jnp.concatenate([visible, mask_tokens], axis=1)
         x_ = jnp.take_along_axis(x_, ids_restore_NxL[:, :, None], axis=1)
         x = jnp.concatenate([x[:, :1, :], x_], axis=1)
-        x = x + self.decoder_pos_embed[...].astype(x.dtype)
+        x = x + self.decoder_pos_embed[...]
         if stages is not None:
             stages["dec_in"] = x
         outs = []
