@@ -93,3 +93,59 @@ def _fsync_dir(folder: Any) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class AppendLog:
+    """A log file that grows by appends (metrics.jsonl, TensorBoard events), local or in a bucket.
+
+    Local files are opened for appending (or created exclusively, ``new=True``) and flushed to
+    the operating system by ``flush``. An object in a bucket cannot be appended to: its bytes
+    are kept in memory (starting from the object's current content when resuming) and the whole
+    object is uploaded again by ``flush``, at most once every ``upload_secs`` unless forced, and
+    by ``close``. Readers of the bucket see the log as it was at the last upload.
+    """
+
+    def __init__(self, path: PathLike | epath.Path, *, new: bool = False, upload_secs: float = 30.0):
+        self.path = run_path(path)
+        self._remote = is_url(self.path)
+        self._upload_secs = upload_secs
+        self._last_upload = float("-inf")
+        if self._remote:
+            if new and self.path.exists():
+                raise FileExistsError(f"{self.path}: already exists")
+            self._content = bytearray(
+                self.path.read_bytes() if not new and self.path.exists() else b""
+            )
+            self._dirty = True
+            self._file = None
+        else:
+            self._file = open(os.fspath(self.path), "xb" if new else "ab")
+        self.closed = False
+
+    def write(self, data: bytes | str) -> None:
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        if self._remote:
+            self._content += raw
+            self._dirty = True
+        else:
+            self._file.write(raw)
+
+    def flush(self, force: bool = False) -> None:
+        """Local: to the operating system. Bucket: upload, if forced or due."""
+        if not self._remote:
+            self._file.flush()
+            return
+        import time
+
+        now = time.monotonic()
+        if self._dirty and (force or now - self._last_upload >= self._upload_secs):
+            self.path.write_bytes(bytes(self._content))
+            self._dirty, self._last_upload = False, now
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.flush(force=True)
+        if self._file is not None:
+            self._file.close()
+        self.closed = True

@@ -21,6 +21,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mae_jax.classifier import EncoderMismatchError, HeadMismatchError, NotAClassifierError
     from mae_jax.data import DataError
     from mae_jax.model import MissingDecoderError
+    from mae_jax.multihost import HostMismatchError
     from mae_jax.train import TrainingError
     from mae_jax.visualize import PanelInputError
 
@@ -34,6 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         HeadMismatchError,
         TrainingError,
         PanelInputError,
+        HostMismatchError,
         OSError,
     )
 
@@ -136,18 +138,23 @@ def _run_pretrain(args) -> int:
         f"workdir {workdir}"
     )
     summary = train.pretrain(config, workdir, progress=not args.quiet)
-    if summary["interrupted"]:
-        print(
-            f"interrupted by {summary['interrupted']} at step {summary['end_step']}; checkpoint "
-            "saved. Run the same command again to resume."
-        )
-    else:
-        print(
-            f"done: {summary['end_step']} steps; load it with mae_jax.load_pretrained({workdir!r})"
-        )
     if summary["skipped_images"]:
         print(f"skipped {summary['skipped_images']} unreadable image(s)")
+    if summary["interrupted"]:
+        return _interrupted(summary)
+    print(f"done: {summary['end_step']} steps; load it with mae_jax.load_pretrained({workdir!r})")
     return 0
+
+
+def _interrupted(summary: dict) -> int:
+    """Say where an interrupted run stopped; its exit status tells scripts it is not done."""
+    from mae_jax.multihost import EXIT_INTERRUPTED
+
+    print(
+        f"interrupted by {summary['interrupted']} at step {summary['end_step']}; checkpoint "
+        f"saved. Run the same command again to resume (exit status {EXIT_INTERRUPTED})."
+    )
+    return EXIT_INTERRUPTED
 
 
 def _embedded_default() -> dict:
@@ -222,11 +229,7 @@ def _run_finetune(args) -> int:
     )
     summary = finetune.finetune(config, args.workdir, progress=not args.quiet)
     if summary["interrupted"]:
-        print(
-            f"interrupted by {summary['interrupted']} at step {summary['end_step']}; checkpoint "
-            "saved. Run the same command again to resume."
-        )
-        return 0
+        return _interrupted(summary)
     if summary["val"]:
         last = summary["val"][-1]
         print(

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -29,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mae_jax import augment, masking, optim
+from mae_jax import augment, masking, multihost, optim
 from mae_jax.classifier import (
     VisionTransformer,
     evaluate,
@@ -44,8 +43,8 @@ from mae_jax.train import (
     TrainingError,
     _check_saved_config,
     _close_run,
-    _Interrupt,
     _MetricsLog,
+    make_workdir,
     _progress,
     _save_or_stop,
     apply_overrides,
@@ -339,8 +338,8 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
     from mae_jax.checkpoint import save_model
 
     config = config.resolved()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    multihost.check_same_settings(config.to_dict())
+    workdir = make_workdir(workdir)
     dtype = compute_dtype(config.dtype)
     if not config.data:
         raise TrainingError(
@@ -391,7 +390,8 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
     start = ckpts.latest_step()
     if start is not None:
         states, opt_state, meta = ckpts.restore(start, states, opt_state)
-        loader.set_state(meta["data"])
+        multihost.check_topology(meta.get("topology"), workdir / "checkpoints")
+        loader.set_state(multihost.own_data_state(meta["data"]))
         step = int(meta["step"])
         print(f"resuming from {workdir / 'checkpoints'} at step {step} (epoch {loader.epoch})")
     rep = {k: replicate(v, n_dev) for k, v in states.items()}
@@ -413,10 +413,12 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
         meta = {
             "step": step,
             "epoch": loader.epoch,
-            "data": loader.get_state(),
+            "data": multihost.gather_data_states(loader.get_state()),
+            "topology": multihost.topology(),
             "config": config.to_dict(),
         }
         ckpts.save(step, {k: unreplicate(v) for k, v in rep.items()}, unreplicate(rep_opt), meta)
+        log.flush()
 
     def validate(epoch: int):
         if val_folder is None:
@@ -436,7 +438,7 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
         summary["val"].append(record)
 
     try:
-        with _Interrupt() as interrupt:
+        with multihost.StopRequest(ckpts.manager.reached_preemption) as stop:
             while step < total_steps:
                 if loader.step >= used_per_epoch:
                     next(loader)
@@ -480,7 +482,7 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
                 if step % used_per_epoch == 0:
                     validate(epoch)
                 if _save_or_stop(
-                    step - 1, step, total_steps, config, ckpts, save, interrupt, summary
+                    step - 1, step, total_steps, config, ckpts, save, stop, summary
                 ):
                     break
     finally:

@@ -20,6 +20,8 @@ import struct
 import time
 from collections.abc import Callable
 
+from mae_jax._files import AppendLog, run_path
+
 FILE_VERSION = "brain.Event:2"
 _CASTAGNOLI_REVERSED = 0x82F63B78
 _MASK_DELTA = 0xA282EAD8
@@ -151,11 +153,9 @@ class SummaryWriter:
     """
 
     def __init__(self, logdir: str | os.PathLike, *, flush_secs: float = 10.0):
-        logdir = os.fspath(logdir)
-        os.makedirs(logdir, exist_ok=True)
-        base = os.path.join(
-            logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        )
+        logdir = run_path(logdir)
+        logdir.mkdir(parents=True, exist_ok=True)
+        base = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
         self.path, self._file = _open_new(base)
         self._flush_secs = flush_secs
         self._last_flush = time.monotonic()
@@ -180,7 +180,7 @@ class SummaryWriter:
     def flush(self) -> None:
         """Push buffered records to the operating system, so TensorBoard can read them."""
         if self._file is not None:
-            self._file.flush()
+            self._file.flush(force=True)
             self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -196,12 +196,12 @@ class SummaryWriter:
         self.close()
 
 
-def _open_new(base: str):
-    """Open ``base`` for writing, or ``base.1``, ``base.2``, ... if a writer in the same second took it."""
+def _open_new(base):
+    """An AppendLog on ``base``, or ``base.1``, ``base.2``, ... if a writer in the same second took it."""
     for attempt in range(1000):
-        path = base if attempt == 0 else f"{base}.{attempt}"
+        path = base if attempt == 0 else base.parent / f"{base.name}.{attempt}"
         try:
-            return path, open(path, "xb")
+            return path, AppendLog(path, new=True)
         except FileExistsError:
             continue
     raise FileExistsError(f"{base}: could not find a free event file name")

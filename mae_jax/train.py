@@ -19,7 +19,6 @@ import signal
 import time
 import types
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,7 +27,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mae_jax import masking, optim
+from mae_jax import masking, multihost, optim
+from mae_jax._files import AppendLog, atomic_write, run_path
 from mae_jax.config import MAEConfig, get_config, parse_setting
 from mae_jax.model import FixedEmbedding, MaskedAutoencoderViT
 from mae_jax.normalization import IMAGENET, Normalization, recorded_normalization
@@ -495,14 +495,18 @@ class Checkpoints:
     ``meta`` (JSON: step, data position, RNG seed, the run's config).
     """
 
-    def __init__(self, workdir: Path, keep: int):
+    def __init__(self, workdir: Any, keep: int):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        directory = run_path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
-            (workdir / "checkpoints").absolute(),
+            directory if "://" in str(directory) else directory.absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
+        # The step of the last save started by this process: every host keeps the same count,
+        # so a decision taken on it (save now or not) is the same on all of them.
+        self.last_saved = self.manager.latest_step()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -513,6 +517,7 @@ class Checkpoints:
         """Save host copies of ``states`` and ``opt_state`` (see ``unreplicate``) as ``step``."""
         ocp = self._ocp
         model_tree = {k: nnx.to_pure_dict(v) for k, v in states.items()}
+        self.last_saved = step
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -553,7 +558,7 @@ def load_trained_model(
     workdir: str | os.PathLike, dtype: Any = jnp.float32
 ) -> MaskedAutoencoderViT:
     """The model of the latest checkpoint of a pretraining run directory."""
-    workdir = Path(workdir)
+    workdir = run_path(workdir)
     config = PretrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
     model = MaskedAutoencoderViT(config.model_config(), rngs=nnx.Rngs(0), dtype=dtype)
     graphdef, params, fixed = split_model(model)
@@ -571,39 +576,18 @@ def load_trained_model(
 # --------------------------------------------------------------------------- the loop
 
 
-class _Interrupt:
-    """Turns SIGTERM and SIGINT into a flag the loop checks between steps (then it saves)."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _save_or_stop(previous, step, total_steps, config, ckpts, save, interrupt, summary) -> bool:
+def _save_or_stop(previous, step, total_steps, config, ckpts, save, stop, summary) -> bool:
     """The end of a training step that moved from micro-step ``previous`` to ``step``: save when
-    it crossed a multiple of ``ckpt_every`` and at the last step; after a signal, save (unless
-    this step was just saved), record it in ``summary`` and return True."""
+    it crossed a multiple of ``ckpt_every`` and at the last step; when ``stop`` (a
+    ``multihost.StopRequest``, asked once per step on every host) says so, save (unless this
+    step was just saved), record the signal in ``summary`` and return True."""
     if _crossed(previous, step, config.ckpt_every) or step == total_steps:
         save()
-    if interrupt.signal is None:
+    if not stop.should_stop():
         return False
-    if ckpts.latest_step() != step:
+    if ckpts.last_saved != step:
         save()
-    summary["interrupted"] = signal.Signals(interrupt.signal).name
+    summary["interrupted"] = signal.Signals(stop.signal).name
     return True
 
 
@@ -639,7 +623,7 @@ def _recon_batch(folder, config: MAEConfig, count: int, norm: Normalization) -> 
 
 
 def _write_reconstructions(
-    model, imgs, workdir: Path, step: int, seed: int, mask_ratio: float, norm: Normalization
+    model, imgs, workdir: Any, step: int, seed: int, mask_ratio: float, norm: Normalization
 ):
     from mae_jax import visualize
 
@@ -721,8 +705,8 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
 
     model_config = config.model_config()  # a bad model setting fails before anything is made
     norm = normalization_for(model_config.in_chans, config.mean, config.std)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    multihost.check_same_settings(config.to_dict())
+    workdir = make_workdir(workdir)
     dtype = compute_dtype(config.dtype)
     _check_saved_config(workdir, config)
     if config.shard_optimizer and jax.process_count() > 1:
@@ -775,7 +759,8 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     start = ckpts.latest_step()
     if start is not None:
         _, opt_state, meta = ckpts.restore(start, {"params": params, "fixed": fixed}, opt_state)
-        loader.set_state(meta["data"])
+        multihost.check_topology(meta.get("topology"), workdir / "checkpoints")
+        loader.set_state(multihost.own_data_state(meta["data"]))
         step = int(meta["step"])
         if jax.process_index() == 0:
             print(f"resuming from {workdir / 'checkpoints'} at step {step} (epoch {loader.epoch})")
@@ -836,7 +821,8 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         meta = {
             "step": state.step,
             "epoch": last.epoch,
-            "data": last.data_state,
+            "data": multihost.gather_data_states(last.data_state),
+            "topology": multihost.topology(),
             "seed": config.seed,
             "config": config.to_dict(),
         }
@@ -850,10 +836,11 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
             opt_host,
             meta,
         )
+        metrics_log.flush()
 
     window: list[dict[str, float]] = []
     try:
-        with _Interrupt() as interrupt:
+        with multihost.StopRequest(ckpts.manager.reached_preemption) as stop:
             while state.step < total_steps:
                 before = state.step
                 with _steady_state():
@@ -895,7 +882,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
                 if recon_imgs is not None and _crossed(before, state.step, config.recon_every):
                     write_figure()
                 if _save_or_stop(
-                    before, state.step, total_steps, config, ckpts, save, interrupt, summary
+                    before, state.step, total_steps, config, ckpts, save, stop, summary
                 ):
                     break
     finally:
@@ -958,22 +945,28 @@ def plan_steps(config: Any, iters_per_epoch: int, global_batch: int) -> StepPlan
 class _MetricsLog:
     """metrics.jsonl (one JSON object a line) and TensorBoard scalars under ``train/``."""
 
-    def __init__(self, workdir: Path, enabled: bool):
+    def __init__(self, workdir: Any, enabled: bool):
         self.enabled = enabled
         if enabled:
             from mae_jax.tbwriter import SummaryWriter
 
-            self.file = open(workdir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(workdir / "tensorboard")
+            self.file = AppendLog(run_path(workdir) / "metrics.jsonl")
+            self.tb = SummaryWriter(run_path(workdir) / "tensorboard")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self.file.flush()  # in a bucket: uploaded at most every 30 s, and at saves
         for key, value in record.items():
             if key not in ("step", "epoch"):
                 self.tb.scalar(f"train/{key}", value, record["step"])
+
+    def flush(self) -> None:
+        """Everything written so far made visible (uploaded, in a bucket): called at saves."""
+        if self.enabled:
+            self.file.flush(force=True)
+            self.tb.flush()
 
     def close(self) -> None:
         if self.enabled:
@@ -981,7 +974,18 @@ class _MetricsLog:
             self.tb.close()
 
 
-def _check_saved_config(workdir: Path, config: PretrainConfig) -> None:
+def make_workdir(workdir: Any) -> Any:
+    """``workdir`` as a run path (local or bucket), created; one line if it cannot be."""
+    path = run_path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        path.exists()  # a bucket that cannot be reached fails here, not in the first save
+    except Exception as err:  # gcsfs and friends raise their own types for a bad bucket
+        raise TrainingError(f"{workdir}: cannot create the run directory ({err})") from err
+    return path
+
+
+def _check_saved_config(workdir: Any, config: Any) -> None:
     """Write config.json on the first run; a resumed run must have the same settings."""
     path = workdir / "config.json"
     if path.exists():
@@ -1017,9 +1021,7 @@ def _check_saved_config(workdir: Path, config: PretrainConfig) -> None:
                 "use another --workdir"
             )
     if jax.process_index() == 0:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -2,11 +2,15 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.test_train import _image_folder
@@ -18,8 +22,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_hosts(argv: list[str]) -> list[str]:
-    """``mae-jax *argv --distributed`` as two processes of two CPU devices; their outputs."""
+def _start_two_hosts(argv: list[str], host_extra=([], [])) -> list[subprocess.Popen]:
+    """``mae-jax *argv --distributed`` as two processes of two CPU devices, started; host i
+    gets ``host_extra[i]`` too."""
     port = _free_port()
     env = {
         **os.environ,
@@ -27,9 +32,10 @@ def _two_hosts(argv: list[str]) -> list[str]:
         "JAX_PLATFORMS": "cpu",
     }
     distributed = ["--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    procs = [
+    return [
         subprocess.Popen(
-            [sys.executable, "-m", "mae_jax.cli", *argv, *distributed, "--process-id", str(i)],
+            [sys.executable, "-m", "mae_jax.cli", *argv, *host_extra[i], *distributed]
+            + ["--process-id", str(i)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -38,36 +44,23 @@ def _two_hosts(argv: list[str]) -> list[str]:
         )
         for i in range(2)
     ]
+
+
+def _finish(procs: list[subprocess.Popen], codes=(0, 0)) -> list[str]:
     outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert [p.returncode for p in procs] == list(codes), outputs
+    return outputs
+
+
+def _two_hosts(argv: list[str]) -> list[str]:
+    """``mae-jax *argv --distributed`` as two processes of two CPU devices; their outputs."""
+    outputs = _finish(_start_two_hosts(argv))
     assert all("over 2 local device(s) x 2 host(s)" in out for out in outputs)
     return outputs
 
 
 def _settings(**kw) -> list[str]:
     return [arg for k, v in kw.items() for arg in ("--set", f"{k}={v}")]
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU collectives are tested on Linux")
-def test_two_processes_train_together(tmp_path):
-    data = _image_folder(tmp_path / "imgs", n=16)
-    workdir = tmp_path / "run"
-    argv = ["pretrain", "--data", str(data), "--preset", "mae_vit_tiny_patch4"]
-    argv += ["--workdir", str(workdir), "--quiet"]
-    argv += _settings(
-        batch_size=1, max_steps=4, log_every=1, recon_every=0, ckpt_every=2, worker_count=0
-    )
-    _two_hosts(argv)
-    # one metrics line per step, written by the first host only; 16 images / (2 hosts x 2) = 4 steps per epoch
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert {r["epoch"] for r in records} == {0}
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [2, 4]
-    import mae_jax
-
-    model = mae_jax.load_pretrained(workdir)
-    assert model.config.img_size == 32
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU collectives are tested on Linux")
@@ -101,3 +94,115 @@ def test_two_processes_validate_their_shares_and_agree(tmp_path):
     assert alone["count"] == 7
     assert logged["val_top1"] == pytest.approx(alone["top1"], abs=1e-9)
     assert logged["val_loss"] == pytest.approx(alone["loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- resume and preemption
+
+LINUX_ONLY = pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU collectives on Linux")
+STEPS = 32  # 16 images / (2 hosts x 2 devices x 1) = 4 steps per epoch: 8 epochs
+
+
+def _pretrain_argv(data, workdir, **extra) -> list[str]:
+    argv = ["pretrain", "--data", str(data), "--preset", "mae_vit_tiny_patch4"]
+    argv += ["--workdir", str(workdir), "--quiet"]
+    settings = dict(
+        batch_size=1, max_steps=STEPS, log_every=1, recon_every=0, ckpt_every=4, worker_count=0
+    )
+    return argv + _settings(**{**settings, **extra})
+
+
+def _logged(workdir: Path) -> dict[int, float]:
+    """step -> loss of metrics.jsonl; a step logged again after a resume must log the same."""
+    losses: dict[int, float] = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert losses.setdefault(record["step"], record["loss"]) == record["loss"], record
+    return losses
+
+
+def _steps_logged(workdir: Path) -> int:
+    try:
+        return len((workdir / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _wait_for_step(procs, workdir: Path, step: int) -> None:
+    deadline = time.time() + 180
+    while _steps_logged(workdir) < step:
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "run ended early"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """An uninterrupted two-host run: its image folder, losses and workdir."""
+    root = tmp_path_factory.mktemp("two_hosts")
+    data = _image_folder(root / "imgs", n=16)
+    _two_hosts(_pretrain_argv(data, root / "run"))
+    losses = _logged(root / "run")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return data, losses, root / "run"
+
+
+@LINUX_ONLY
+def test_two_processes_train_together(uninterrupted):
+    """One metrics line per step, written by the first host; checkpoints every 4 steps; the run
+    loads as a model."""
+    _, _, workdir = uninterrupted
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [i // 4 for i in range(STEPS)]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == list(range(4, STEPS + 1, 4))[-3:]  # keep_checkpoints=3
+    import mae_jax
+
+    model = mae_jax.load_pretrained(workdir)
+    assert model.config.img_size == 32
+
+
+@LINUX_ONLY
+def test_preempted_then_killed_two_hosts_resume_bit_for_bit(uninterrupted, tmp_path):
+    """A preemption notice reaching host 1 only: both hosts save the same step and exit with the
+    interrupted status (75). Resumed, then both SIGKILLed at a random step after a checkpoint,
+    then resumed again with the same command: each host continues from its own data position,
+    and every logged loss equals the uninterrupted run's, bit for bit."""
+    data, expected, _ = uninterrupted
+    workdir = tmp_path / "run"
+    procs = _start_two_hosts(_pretrain_argv(data, workdir))
+    _wait_for_step(procs, workdir, 3)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = _finish(procs, codes=(75, 75))
+    stops = [re.search(r"interrupted by SIGTERM at step (\d+)", out) for out in outputs]
+    assert all(stops), outputs
+    (stopped,) = {int(m.group(1)) for m in stops}
+    assert 3 <= stopped <= 16
+    assert _checkpoints(workdir)[-1] == stopped
+
+    kill_at = stopped + int(np.random.default_rng().integers(5, 8))  # after the next checkpoint
+    procs = _start_two_hosts(_pretrain_argv(data, workdir))
+    _wait_for_step(procs, workdir, kill_at)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    _finish(procs, codes=(-9, -9))
+    assert _checkpoints(workdir)[-1] >= stopped
+
+    outputs = _two_hosts(_pretrain_argv(data, workdir))
+    assert "resuming from" in outputs[0]
+    assert _logged(workdir) == expected
+
+
+def _checkpoints(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@LINUX_ONLY
+def test_a_host_with_other_settings_is_refused(tmp_path):
+    """Host 1 started with another seed: both hosts stop at once with one line naming it."""
+    data = _image_folder(tmp_path / "imgs", n=16)
+    argv = _pretrain_argv(data, tmp_path / "run", max_steps=2)
+    procs = _start_two_hosts(argv, host_extra=[[], ["--set", "seed=1"]])
+    outputs = _finish(procs, codes=(2, 2))
+    for out in outputs:
+        assert "mae-jax: error: the settings of host 1 differ from host 0's" in out
+        assert "Traceback" not in out
+    assert not (tmp_path / "run" / "config.json").exists()
