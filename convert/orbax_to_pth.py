@@ -4,12 +4,13 @@
 
 The official ``models_mae`` model (or, for a classifier, ``models_vit``) loads the result with
 ``strict=True``; a file converted with pth_to_orbax.py comes back with bit-identical tensors in the
-same key order. torch is not needed.
+same key order. torch is not needed. Either path may be a bucket URL (``gs://...``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,16 +19,21 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from convert import mapping
 from convert.pth_io import PthError, write_pth
+from mae_jax._files import naming, run_path
 from mae_jax._memory import return_large_blocks_to_the_system
 from mae_jax.checkpoint import CheckpointError, load_state
 
 
-def export_pth(checkpoint: str | Path, dst: str | Path, *, force: bool = False) -> Path:
-    """Write the checkpoint's weights to ``dst`` as {'model': official state_dict}."""
-    dst = Path(dst)
+def export_pth(
+    checkpoint: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False
+) -> os.PathLike:
+    """Write the checkpoint's weights to ``dst`` as {'model': official state_dict}; either may be
+    a bucket URL."""
+    dst = run_path(dst)
     return_large_blocks_to_the_system()
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst}: already exists (pass --force to replace it)")
+    with naming(dst):
+        if dst.exists() and not force:
+            raise FileExistsError(f"{dst}: already exists (pass --force to replace it)")
     # One tensor at a time, each array dropped once converted, a kernel transposed into the memory
     # of one already converted: the model is never held twice, and little new memory is touched.
     state_dict = mapping.official_from_state_consuming(mapping.flatten_tree(load_state(checkpoint)))

@@ -167,6 +167,7 @@ def run_parity(
     from convert.pth_io import read_pth
     from convert.pth_to_orbax import extract_state_dict
     from mae_jax import load_pretrained
+    from mae_jax._files import run_path
     from mae_jax.checkpoint import state_as_numpy
     from mae_jax.classifier import VisionTransformer
 
@@ -181,7 +182,7 @@ def run_parity(
             "(leave it out to compare with transformers)"
         )
     if pth is not None:
-        state_dict = extract_state_dict(read_pth(pth), Path(pth))
+        state_dict = extract_state_dict(read_pth(pth), run_path(pth))
         source = f"{pth}"
     else:  # the checkpoint's own weights, exported to the official layout
         state_dict = official_from_state(state_as_numpy(model))

@@ -4,6 +4,8 @@ Reading never executes anything from the file: `data.pkl` goes through an unpick
 only an allow-list of globals (tensors, typed storages, OrderedDict, argparse.Namespace), and each
 storage is read straight from its place in the archive into one preallocated NumPy buffer.
 Writing emits the pickle opcodes by hand, so the file names torch's globals without torch installed.
+Either path may be a bucket URL (``gs://...``): such a file is copied through a local temporary
+file (see ``_open_for_reading``, ``mae_jax._files.atomic_write``).
 See shared/reference/PTH_FORMAT.md for the layout.
 """
 
@@ -16,14 +18,18 @@ import mmap
 import os
 import pickle
 import secrets
+import shutil
 import struct
 import sys
+import tempfile
 import zipfile
 import zlib
 from typing import Any, BinaryIO, NamedTuple
 
 import ml_dtypes
 import numpy as np
+
+from mae_jax._files import PathError, atomic_write, is_url, naming, run_path
 
 __all__ = ["PthError", "read_pth", "write_pth"]
 
@@ -90,13 +96,15 @@ def read_pth(path: str | os.PathLike, *, progress: bool = False, digest: Any = N
     byte in order, while it is read: each storage is hashed from the buffer it was read into, on
     another thread, so the file is not read twice. It is complete when read_pth returns.
     """
-    path = os.fspath(path)
+    path = str(path) if is_url(path) else os.fspath(path)
     try:
-        file = open(path, "rb")  # closed by the with below
+        file = _open_for_reading(path)  # closed by the with below
     except FileNotFoundError:
         raise _fail(path, "no such file") from None
     except IsADirectoryError:
         raise _fail(path, "is a directory, not a .pth file") from None
+    except PathError as e:  # a bucket's error, already "<path>: <problem>"
+        raise PthError(_one_line(e)) from None
     except OSError as e:
         raise _fail(path, f"cannot open: {e.strerror or e}") from None
     with file:
@@ -119,6 +127,23 @@ def read_pth(path: str | os.PathLike, *, progress: bool = False, digest: Any = N
             if hasher is not None:
                 hasher.close()
     return obj
+
+
+def _open_for_reading(path: str) -> BinaryIO:
+    """``path`` opened for reading. A file in a bucket is first copied into an anonymous local
+    temporary file (deleted when closed): the reader below needs a file descriptor (pread,
+    fstat) and reads each storage with one large read; a local file is opened as it is."""
+    if not is_url(path):
+        return open(path, "rb")
+    local = tempfile.TemporaryFile()
+    try:
+        with naming(path), run_path(path).open("rb") as remote:
+            shutil.copyfileobj(remote, local, 1 << 24)
+        local.seek(0)
+    except BaseException:
+        local.close()
+        raise
+    return local
 
 
 class _FileHasher:
@@ -480,30 +505,22 @@ def write_pth(obj: Any, path: str | os.PathLike, *, progress: bool = False) -> N
     bfloat16, complex64/128); each array object gets its own storage. argparse.Namespace is kept,
     an OrderedDict stays an OrderedDict. The file is written to a temporary name, then renamed.
     """
-    path = os.fspath(path)
+    path = str(path) if is_url(path) else os.fspath(path)
     encoder = _PickleEncoder(path)
     pickled = encoder.encode(obj)
     top = _archive_folder(path)
-    directory, filename = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{filename}.{secrets.token_hex(6)}.tmp")
+    filename = run_path(path).name
+
+    def write(file: BinaryIO) -> None:
+        _write_archive(file, top, pickled, encoder.arrays, progress, filename)
+
     try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with naming(path):  # a bucket object is written from a local temporary file
+            atomic_write(path, write)
+    except PathError as e:  # a bucket's error, already "<path>: <problem>"
+        raise PthError(_one_line(e)) from None
     except OSError as e:
         raise _fail(path, f"cannot write: {e.strerror or e}") from None
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            _write_archive(file, top, pickled, encoder.arrays, progress, filename)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as e:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise _fail(path, f"cannot write: {e.strerror or e}") from None
-        raise
 
 
 def _archive_folder(path: str) -> str:

@@ -12,7 +12,8 @@ Every size is read from the tensor shapes; the head counts, which shapes cannot 
 preset (the summary and the metadata then say "head counts assumed from <preset>").
 ``--arch`` names the preset the file should be: its head counts, its sizes checked.
 The file is read without unpickling arbitrary objects and without torch. The output directory is
-written under a temporary name and renamed when complete.
+written under a temporary name and renamed when complete. Either path may be a bucket URL
+(``gs://bucket/mae_vit_large.pth``, ``gs://bucket/ckpt/mae_vit_large``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 
 from convert import mapping
 from convert.pth_io import PthError, read_pth
+from mae_jax._files import naming, run_path
 from mae_jax._memory import return_large_blocks_to_the_system
 from mae_jax.checkpoint import CheckpointError, abstract_model, read_metadata, save_model
 from mae_jax.config import PRESETS, VIT_PRESETS, MAEConfig, ViTConfig
@@ -44,7 +46,7 @@ class ConversionError(Exception):
     """A source file that cannot be converted; the message names the file and the reason."""
 
 
-def extract_state_dict(obj: object, src: Path) -> dict[str, np.ndarray]:
+def extract_state_dict(obj: object, src: os.PathLike) -> dict[str, np.ndarray]:
     """The weights inside a loaded .pth: {'model': sd}, a full training checkpoint, or a bare sd."""
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
@@ -61,7 +63,7 @@ def extract_state_dict(obj: object, src: Path) -> dict[str, np.ndarray]:
     return dict(obj)
 
 
-def _norm_pix_from_name(src: Path, family: str) -> tuple[bool, str]:
+def _norm_pix_from_name(src: os.PathLike, family: str) -> tuple[bool, str]:
     name = src.name.lower()
     if "_full" in name:
         return True, "inferred from the file name (*_full: normalized-pixel targets)"
@@ -91,16 +93,17 @@ def convert_pth(
     force: bool = False,
     progress: bool = False,
     settings: Mapping[str, Any] | list[str] | None = None,
-) -> tuple[Path, dict]:
+) -> tuple[os.PathLike, dict]:
     """Convert ``src`` into the checkpoint directory ``out``; returns (path, metadata).
 
     ``settings``: config fields the shapes cannot tell (``num_heads``, ``decoder_num_heads``), as
     a dict or as ``KEY=VALUE`` strings; fields the shapes do tell are checked against them.
     """
-    src, out = Path(src), Path(out)
+    src, out = run_path(src), run_path(out)
     return_large_blocks_to_the_system()
-    if out.exists() and not force:
-        raise ConversionError(f"{out}: already exists (pass --force to replace it)")
+    with naming(out):
+        if out.exists() and not force:
+            raise ConversionError(f"{out}: already exists (pass --force to replace it)")
     digest = hashlib.sha256()  # of the file, computed while it is read
     sd = extract_state_dict(read_pth(src, progress=progress, digest=digest), src)
     try:
@@ -176,11 +179,13 @@ def convert_pth(
     nnx.replace_by_pure_dict(state, values)
     del values
     model = nnx.merge(graphdef, state)
+    with naming(src):
+        src_bytes = src.stat().length
     metadata = {
         "preset": preset,
         "head_counts": inferred.heads,
         "family": family,
-        "source": {"file": src.name, "sha256": digest.hexdigest(), "bytes": src.stat().st_size},
+        "source": {"file": src.name, "sha256": digest.hexdigest(), "bytes": src_bytes},
         "converter_version": CONVERTER_VERSION,
         "norm_pix_loss_source": norm_pix_source,
         "ignored_keys": report.ignored,

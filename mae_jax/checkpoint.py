@@ -5,25 +5,27 @@ Layout of a checkpoint directory::
     <dir>/mae_jax.json   what the model is: type, config, where it came from
     <dir>/params/        Orbax (StandardCheckpointer) tree of the model's state, named as the official state_dict
 
-Directories are written under a temporary name and renamed when complete, so a reader never sees a
-half-written checkpoint.
+``path`` may be local or in a bucket (``gs://...``, see ``mae_jax._files``). A local directory is
+written under a temporary name and renamed when complete, so a reader never sees a half-written
+checkpoint. In a bucket the directory is written in place (see ``save_model``): ``mae_jax.json``
+is written last and is its commit marker.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
+from mae_jax._files import atomic_write, is_url, naming, replace_dir, run_path
 from mae_jax._memory import return_large_blocks_to_the_system
 from mae_jax.classifier import VisionTransformer
 from mae_jax.config import MAEConfig, ViTConfig
@@ -103,37 +105,53 @@ def state_as_numpy(model: nnx.Module) -> dict:
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
 
 
-def _atomic_dir(path: Path, force: bool) -> Path:
+def _checkpoint_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an epath.Path, made absolute when local (a URL is absolute already)."""
+    path = run_path(path)
+    return path if is_url(path) else path.absolute()
+
+
+def _start_dir(path: epath.Path, force: bool) -> epath.Path:
+    """The directory to write the checkpoint into: a temporary sibling of a local ``path``, or
+    ``path`` itself in a bucket (an existing one removed first, when ``force``)."""
     if path.exists() and not force:
         raise FileExistsError(f"{path}: already exists (pass --force / force=True to replace it)")
+    if is_url(path):
+        # Written in place. A directory "rename" in a bucket is a copy plus a delete of every
+        # object (the whole model copied again, and not atomic either), so instead: Orbax
+        # commits params/ itself (its commit_success.txt marker in a bucket) and mae_jax.json,
+        # written last, marks the whole checkpoint complete; read_metadata refuses a directory
+        # without it. A replaced checkpoint loses its mae_jax.json first, so a reader meanwhile
+        # finds it incomplete, never a mix of the old and the new.
+        if path.exists():
+            (path / METADATA_FILE).unlink(missing_ok=True)
+            path.rmtree()
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(path.parent, os.W_OK):
         raise PermissionError(f"{path.parent}: directory is not writable")
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    return epath.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
 
 
-def _commit_dir(tmp: Path, path: Path) -> None:
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+def _remove_dir(path: epath.Path) -> None:
+    try:
+        path.rmtree(missing_ok=True)
+    except Exception:  # cleaning up after a failure: the failure is what to report
+        pass
 
 
 def save_model(
     model: nnx.Module, path: str | os.PathLike, *, metadata: dict | None = None, force: bool = False
-) -> Path:
-    """Write ``model`` to the checkpoint directory ``path`` atomically; returns the path."""
-    path = Path(path).absolute()
+) -> epath.Path:
+    """Write ``model`` to the checkpoint directory ``path`` (local or a bucket URL) atomically;
+    returns the path."""
+    path = _checkpoint_path(path)
     meta = {
         "format": FORMAT,
         "model_type": model_type_of(model),
         "config": model.config.to_dict(),
         **(metadata or {}),
     }
-    tmp = _atomic_dir(path, force)
     # The caller's process writes the whole (host numpy) state alone: with several processes
     # (jax.distributed) Orbax would otherwise wait for all of them at a barrier.
     me = jax.process_index()
@@ -146,28 +164,36 @@ def save_model(
     state = nnx.to_pure_dict(nnx.state(model))
     if jax.process_count() > 1:
         state = jax.tree.map(np.asarray, state)
-    try:
-        handler = ocp.PyTreeCheckpointHandler(use_compression=False, multiprocessing_options=alone)
-        with ocp.Checkpointer(handler, multiprocessing_options=alone) as ckptr:
-            ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(state))
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _commit_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with naming(path):
+        tmp = _start_dir(path, force)
+        try:
+            handler = ocp.PyTreeCheckpointHandler(
+                use_compression=False, multiprocessing_options=alone
+            )
+            with ocp.Checkpointer(handler, multiprocessing_options=alone) as ckptr:
+                ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(state))
+            atomic_write(tmp / METADATA_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            if tmp != path:
+                replace_dir(tmp, path)
+        except BaseException:
+            _remove_dir(tmp)
+            raise
     return path
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The JSON metadata of a checkpoint directory, checked for the fields every checkpoint has."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    meta_file = path / METADATA_FILE
-    if not meta_file.is_file():
-        raise CheckpointError(f"{path}: not a mae-jax checkpoint (no {METADATA_FILE})")
+    """The JSON metadata of a checkpoint directory (local or in a bucket), checked for the fields
+    every checkpoint has."""
+    path = run_path(path)
+    with naming(path):
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such checkpoint directory")
+        meta_file = path / METADATA_FILE
+        if not meta_file.is_file():
+            raise CheckpointError(f"{path}: not a mae-jax checkpoint (no {METADATA_FILE})")
+        text = meta_file.read_bytes()
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_file}: unreadable metadata ({e})") from None
     for field in ("format", "model_type", "config"):
@@ -198,7 +224,12 @@ def load_state(path: str | os.PathLike) -> dict:
 
 def _restore(path: str | os.PathLike, dtype: Any) -> tuple:
     """(graphdef, abstract state, host leaves, their treedef) of the checkpoint at ``path``."""
-    path = Path(path).absolute()
+    path = _checkpoint_path(path)
+    with naming(path):
+        return _restore_from(path, dtype)
+
+
+def _restore_from(path: epath.Path, dtype: Any) -> tuple:
     meta = read_metadata(path)
     return_large_blocks_to_the_system()
     if meta["model_type"] not in MODEL_TYPES:

@@ -162,8 +162,9 @@ class ImageFolder:
 def open_dataset(root: str | os.PathLike) -> ImageFolder | RecordFolder:
     """The image set at ``root``: a record directory (``mae-jax prepare-data``) or an image folder."""
     from mae_jax import records
+    from mae_jax._files import is_url
 
-    if records.is_record_dir(root):
+    if is_url(root) or records.is_record_dir(root):  # in a bucket: record directories only
         return records.RecordFolder(root)
     return ImageFolder(root)
 

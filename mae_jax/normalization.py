@@ -10,7 +10,6 @@ import functools
 import json
 import math
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -144,11 +143,13 @@ def recorded_normalization(
     a pretraining run's config.json or a checkpoint directory's metadata records (runs and
     exports write it), else the default of ``in_chans`` channels. ValueError if they do not fit."""
     from mae_jax import checkpoint_dir
+    from mae_jax._files import naming, run_path
     from mae_jax.checkpoint import read_metadata
 
     directory = checkpoint_dir(checkpoint)
     if directory is None:
-        saved = json.loads((Path(checkpoint) / "config.json").read_text())
+        with naming(checkpoint):
+            saved = json.loads((run_path(checkpoint) / "config.json").read_text())
     else:
         saved = read_metadata(directory).get("normalization") or {}
     mean = saved.get("mean") if mean is None else mean

@@ -6,14 +6,15 @@ then the panels are computed in float64 (as the official notebook does) and draw
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mae_jax._files import atomic_write, naming, run_path
 from mae_jax.model import patchify, unpatchify
 from mae_jax.normalization import IMAGENET, Normalization
 
@@ -249,20 +250,11 @@ def reconstruction_figure(
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
-    """Write ``image`` as a PNG at ``path`` atomically (temporary file, then rename); makes parent dirs."""
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``image`` as a PNG at ``path`` (local or a bucket URL) atomically; makes parent
+    folders."""
+    path = run_path(path)
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, encoded.getvalue())
