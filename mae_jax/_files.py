@@ -5,18 +5,26 @@ that etils.epath understands (``gs://bucket/run``) as well as a local path. ``pa
 quietly turn ``gs://b/run`` into the local relative path ``gs:/b/run``, so run paths go through
 ``run_path`` instead.
 
-``atomic_write`` is how every small file of a run is written: a reader never sees half a file.
-On a local disk the bytes go to a temporary name in the same folder, are flushed to the disk
-(fsync) and renamed over the target. In an object store (gs://, s3://) an object becomes
-visible only once its upload is complete, and a "rename" is a copy plus a delete, so the
-object is written in place.
+``atomic_write`` is how every file is written (``copy_file`` too: downloads, uploads): a
+reader never sees half a file. On a local disk the bytes go to a temporary name in the same
+folder, are flushed to the disk (fsync) and renamed over the target. In an object store
+(gs://, s3://) an object becomes visible only once its upload is complete, and a "rename" is a
+copy plus a delete, so the object is written in place, and an upload that fails is cancelled,
+never committed.
+
+``naming`` turns the errors of a bucket client (a missing object, a missing bucket, no
+credentials, no connection) into one PathError line that names the user's path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from typing import Any
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 from etils import epath
 
@@ -58,17 +66,39 @@ def _check_backend(url: str) -> None:
             ) from err
 
 
-def atomic_write(path: PathLike | epath.Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` so that it holds either its old content or all of ``data``."""
+def atomic_write(
+    path: PathLike | epath.Path,
+    data: bytes | str | BinaryIO | Callable[[BinaryIO], None],
+    *,
+    size: int | None = None,
+) -> None:
+    """Write ``data`` to ``path`` so that it holds either its old content or all of ``data``.
+
+    ``data``: the bytes (a str is written as UTF-8); a readable binary file, copied in chunks
+    (a download, an upload); or a function that writes the content into the seekable binary
+    file it is given (for a bucket, a local temporary file that is uploaded once it returns).
+    ``size``: how many bytes the content must have; with any other count the write fails
+    (OSError) and ``path`` is left as it was, so a truncated copy is never committed.
+    """
     path = run_path(path)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
+    if callable(data) and is_url(path):
+        with tempfile.TemporaryFile() as spool:  # the writer may seek; an upload cannot
+            data(spool)
+            spool.seek(0)
+            atomic_write(path, spool, size=size)
+        return
     if is_url(path):
-        path.write_bytes(raw)  # an object appears only when its upload completes
+        with path.open("wb") as out:
+            try:
+                _fill(out, data, size, path)
+            except BaseException:
+                _abandon_upload(out)  # else closing the file would commit what was written
+                raise
         return
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         with open(tmp, "wb") as f:
-            f.write(raw)
+            _fill(f, data, size, path)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -79,6 +109,102 @@ def atomic_write(path: PathLike | epath.Path, data: bytes | str) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def copy_file(
+    src: PathLike | epath.Path, dst: PathLike | epath.Path, *, size: int | None = None
+) -> None:
+    """Copy the file ``src`` to ``dst`` with ``atomic_write``; either may be in a bucket (a
+    download, an upload). ``size``: the byte count the copy must have (see ``atomic_write``)."""
+    with run_path(src).open("rb") as f:
+        atomic_write(dst, f, size=size)
+
+
+_COPY_CHUNK = 16 * 2**20
+
+
+def _fill(out: BinaryIO, data: Any, size: int | None, path: epath.Path) -> None:
+    """Write ``data`` (see ``atomic_write``) into the open file ``out``, checking ``size``."""
+    if callable(data):
+        data(out)
+        written = out.tell() if size is not None else None
+    elif isinstance(data, (bytes, bytearray, memoryview, str)):
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        out.write(raw)
+        written = len(raw)
+    else:
+        written = 0
+        while chunk := data.read(_COPY_CHUNK):
+            out.write(chunk)
+            written += len(chunk)
+    if size is not None and written != size:
+        raise PathError(f"{path}: got {written} bytes, expected {size} (the copy was cut short)")
+
+
+def _abandon_upload(out: Any) -> None:
+    """Cancel an unfinished upload (fsspec's ``discard``) and mark the file closed, so that
+    leaving its ``with`` block uploads nothing."""
+    try:
+        discard = getattr(out, "discard", None)
+        if discard is not None:
+            discard()
+    finally:
+        out.closed = True
+
+
+@contextlib.contextmanager
+def naming(path: PathLike | epath.Path) -> Iterator[None]:
+    """Errors of reading or writing the bucket path ``path`` (a missing object, an unreachable
+    bucket, missing credentials) as one PathError that names ``path``. PathError, an error whose
+    message names ``path`` already, and the errors of a local path pass unchanged."""
+    try:
+        yield
+    except PathError:
+        raise
+    except _io_errors() as err:
+        text = " ".join(str(err).split())
+        if not is_url(path) or str(path) in text:  # a local error says what it is already
+            raise
+        raise PathError(f"{path}: {_reason(err, text, is_url(path))}") from err
+
+
+def _reason(err: BaseException, text: str, url: bool) -> str:
+    if isinstance(err, FileNotFoundError):  # gcsfs's text is its request path: not worth showing
+        return "no such object, or no such bucket" if url else "no such file or directory"
+    if isinstance(err, PermissionError):
+        return f"permission denied ({text})" if text else "permission denied"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _io_errors() -> tuple[type[BaseException], ...]:
+    """OSError and what the bucket clients raise instead (HTTP, authentication, connection)."""
+    found: list[type[BaseException]] = [OSError]
+    for module, name in (
+        ("gcsfs.retry", "HttpError"),
+        ("google.auth.exceptions", "GoogleAuthError"),
+        ("aiohttp", "ClientError"),
+    ):
+        try:
+            found.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def replace_dir(tmp: PathLike, path: PathLike) -> None:
+    """Rename the complete local folder ``tmp`` to ``path`` (local); an existing ``path`` (a
+    folder or a file) is moved aside first and deleted after."""
+    if not os.path.lexists(path):
+        os.replace(tmp, path)
+        return
+    folder, name = os.path.split(os.fspath(path))
+    old = os.path.join(folder, f".{name}.old-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.unlink(old)
 
 
 def _fsync_dir(folder: Any) -> None:

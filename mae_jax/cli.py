@@ -1,6 +1,9 @@
 """The ``mae-jax`` command: pretrain, reconstruct, demo, export, prepare-data, eval.
 
 User mistakes end in one line on stderr (``mae-jax: error: ...``) and exit status 2; no tracebacks.
+Every checkpoint, run, data and output path may be a bucket URL (``gs://bucket/...``) as well as a
+local path (``mae_jax._files.run_path``); an unreachable bucket or a missing object is one such line
+naming the path (``mae_jax._files.PathError``, an OSError).
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from mae_jax._files import naming, run_path
 
 
 class UsageError(ValueError):
@@ -92,7 +97,7 @@ def _settings(config_cls, base, args, changes: dict, error_cls):
     config = base
     if args.config:
         try:
-            loaded = json.loads(Path(args.config).read_text())
+            loaded = json.loads(run_path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise error_cls(f"{args.config}: cannot read settings ({e})") from None
         config = config_cls.from_dict({**config.to_dict(), **loaded})
@@ -430,11 +435,12 @@ def _run_export(args) -> int:
     from mae_jax.normalization import as_metadata
     from mae_jax.train import TrainingError, load_trained_model
 
-    workdir = Path(args.workdir)
-    if not (workdir / "config.json").is_file():
-        raise TrainingError(f"{workdir}: not a pretraining run directory (no config.json)")
-    meta = json.loads((workdir / "config.json").read_text())
-    model = load_trained_model(workdir)
+    workdir = run_path(args.workdir)
+    with naming(workdir):
+        if not (workdir / "config.json").is_file():
+            raise TrainingError(f"{workdir}: not a pretraining run directory (no config.json)")
+        meta = json.loads((workdir / "config.json").read_text())
+        model = load_trained_model(workdir)
     norm = checkpoint_normalization(str(workdir), model.config.in_chans)
     out = save_model(
         model,
