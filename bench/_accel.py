@@ -175,10 +175,17 @@ def peak_bf16_tflops(device_kind: str) -> float | None:
 
 
 def analytic_train_flops(config, batch: int, mask_ratio: float = MASK_RATIO) -> float:
-    """Matmul FLOPs of one forward+backward of ``batch`` images (3x the forward), no optimizer.
+    """Matmul FLOPs of one forward+backward of ``batch`` images, no optimizer: the model FLOPs
+    that MFU is computed from (bench_accel.py, bench_host.py), whatever the platform counts.
 
-    A cross-check of the compiler's count: per block 24*T*D^2 (qkv, proj, two MLP layers) and
-    4*T^2*D (q@k and weights@v); the encoder sees 1 + kept tokens, the decoder 1 + all.
+    Per block 24*T*D^2 (qkv, proj, two MLP layers at mlp_ratio 4; 2*(4 + 2*mlp_ratio)*T*D^2 in
+    general) and 4*T^2*D (q @ k^T and weights @ v); the patch embedding and the encoder see the
+    1 + kept tokens (the kept patches only are embedded), decoder_embed the encoder's 1 + kept
+    outputs, the decoder and decoder_pred 1 + all tokens. Backward = twice the forward (the
+    gradients of a matmul's two inputs), except the patch embedding, whose input is the images:
+    no gradient, so it counts twice, not three times. With remat the hardware does more (the
+    recomputed forward), which MFU does not count. tests/test_accel_tools.py checks the count
+    against XLA's own count of every matmul of the real step.
     """
     from mae_jax.masking import num_kept
 
@@ -190,14 +197,19 @@ def analytic_train_flops(config, batch: int, mask_ratio: float = MASK_RATIO) -> 
     def blocks(depth: int, t: int, width: int) -> float:
         return depth * (2 * t * width * width * (4 + 2 * mlp) + 4 * t * t * width)
 
-    forward = (
-        2 * kept * p * d
-        + blocks(config.depth, t_enc, d)
+    patch_embed = 2 * kept * p * d
+    rest = (
+        blocks(config.depth, t_enc, d)
         + 2 * t_enc * d * dd
         + blocks(config.decoder_depth, t_dec, dd)
         + 2 * t_dec * dd * p
     )
-    return 3.0 * batch * forward
+    return float(batch * (2 * patch_embed + 3 * rest))
+
+
+def device_seconds_at(flops: float, peak_tflops: float, mfu: float = 0.5) -> float:
+    """Seconds a device of ``peak_tflops`` takes for ``flops`` at model FLOPs utilisation ``mfu``."""
+    return flops / (mfu * peak_tflops * 1e12)
 
 
 # --------------------------------------------------------------------------- the train step

@@ -3,12 +3,14 @@ step that bench/_accel.build_step builds (its signature must follow mae_jax.trai
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
@@ -90,6 +92,86 @@ def test_build_step_compiles_with_sharded_optimizer_and_counts_flops():
     flops = _accel.cost_flops(compiled)
     by_hand = _accel.analytic_train_flops(build.config, 4)
     assert by_hand <= flops <= 1.3 * by_hand
+
+
+@functools.cache
+def _xla_dot_flops(lhs, rhs, dimension_numbers, preferred) -> float:
+    """XLA's cost analysis of one dot_general of these operands, on this machine's backend."""
+
+    def dot(a, b):
+        return jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=preferred)
+
+    lowered = jax.jit(dot).lower(jax.ShapeDtypeStruct(*lhs), jax.ShapeDtypeStruct(*rhs))
+    cost = lowered.cost_analysis()
+    return float((cost[0] if isinstance(cost, list | tuple) else cost)["flops"])
+
+
+def xla_matmul_flops(jaxpr) -> float:
+    """The FLOPs XLA counts for every dot_general of ``jaxpr``, nested ones included (a scan's
+    body times its length, the costlier branch of a cond)."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            lhs, rhs = ((v.aval.shape, v.aval.dtype) for v in eqn.invars)
+            params = eqn.params
+            total += _xla_dot_flops(
+                lhs, rhs, params["dimension_numbers"], params.get("preferred_element_type")
+            )
+            continue
+        inner = [
+            xla_matmul_flops(j.jaxpr if isinstance(j, jax_core.ClosedJaxpr) else j)
+            for value in eqn.params.values()
+            for j in (value if isinstance(value, list | tuple) else [value])
+            if isinstance(j, jax_core.ClosedJaxpr | jax_core.Jaxpr)
+        ]
+        if eqn.primitive.name == "cond":
+            total += max(inner, default=0.0)
+        elif eqn.primitive.name == "scan":
+            total += eqn.params["length"] * sum(inner)
+        else:
+            total += sum(inner)
+    return total
+
+
+def _one_device_step(preset: str, batch: int):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("devices",))
+    return _accel.build_step(preset, batch, dtype="float32", remat="none", mesh=mesh)
+
+
+@pytest.mark.parametrize("preset, batch", [("mae_vit_tiny_patch4", 4), ("mae_demo_patch8", 8)])
+def test_analytic_flops_are_xla_count_of_every_matmul_of_the_step(preset, batch):
+    """Every dot_general of the real step (forward and backward; the optimizer has none), each
+    costed by XLA, adds up to the analytic count: no matmul is missing or counted twice. XLA's
+    count of the whole step also holds the elementwise work, 4-6% at these widths (0.4% for
+    ViT-B, below). float32: in bfloat16 the dots are the same, but XLA:CPU costs some of them
+    with conversions (+0.04% here)."""
+    build = _one_device_step(preset, batch)
+    jaxpr = jax.make_jaxpr(build.fn)(*build.args).jaxpr
+    xla = xla_matmul_flops(jaxpr)
+    by_hand = _accel.analytic_train_flops(build.config, batch)
+    assert by_hand == pytest.approx(xla, rel=1e-6)  # the issue's bound is 2%; it is exact
+
+
+def test_analytic_flops_within_2_percent_of_xla_count_of_the_vit_b_step():
+    """XLA's cost analysis of the whole lowered ViT-B step at 64 images (elementwise work and
+    AdamW included) is within 2% of the analytic matmul count (+0.4%): what MFU is taken from
+    on GPU, where XLA's own count is unusable, is what XLA counts on CPU."""
+    build = _one_device_step("mae_vit_base_patch16", 64)
+    cost = build.fn.lower(*build.args).cost_analysis()
+    xla = float((cost[0] if isinstance(cost, list | tuple) else cost)["flops"])
+    by_hand = _accel.analytic_train_flops(build.config, 64)
+    assert by_hand <= xla <= 1.02 * by_hand
+
+
+def test_device_time_at_half_mfu_on_an_h100():
+    """The figures bench_host.py prints beside the host time (issue 17: ~7.5, 16 and 38 ms)."""
+    from mae_jax.config import get_config
+
+    ms = [
+        1e3 * _accel.device_seconds_at(_accel.analytic_train_flops(get_config(p), 64), 989.0)
+        for p in ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
+    ]
+    np.testing.assert_allclose(ms, [7.5, 16.0, 37.6], rtol=0.01)
 
 
 def test_compile_only_tpu_devices_without_a_tpu():
