@@ -158,7 +158,7 @@ def test_reconstruct_from_and_to_the_bucket(checkpoints, gcs_dir, photo, tmp_pat
     assert epath.Path(remote_png).read_bytes() == local_png.read_bytes()
 
 
-def _pretraining_run(run: Path) -> None:
+def _pretraining_run(run: epath.Path):
     """A pretraining run directory as ``mae-jax pretrain`` leaves it (config.json and an Orbax
     step), made without training: one step costs about 25 s of compiling on this CPU."""
     from flax import nnx
@@ -166,7 +166,7 @@ def _pretraining_run(run: Path) -> None:
     from mae_jax import train
 
     config = train.PretrainConfig(preset="mae_vit_tiny_patch4", data="unused")
-    run.mkdir()
+    run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(config.to_dict()))
     model = mae_jax.create_model("mae_vit_tiny_patch4", rngs=nnx.Rngs(3))
     _, params, fixed = train.split_model(model)
@@ -174,16 +174,19 @@ def _pretraining_run(run: Path) -> None:
     ckpts.save(1, {"params": params, "fixed": fixed}, {"count": np.zeros(1)}, {"step": 1})
     ckpts.wait()
     ckpts.close()
+    return model
 
 
-def test_export_of_a_run_into_the_bucket(gcs_dir, tmp_path, capsys):
-    run = tmp_path / "run"
-    _pretraining_run(run)
+@pytest.mark.parametrize("run_in", ["local", "bucket"])
+def test_export_of_a_run_into_the_bucket(run_in, gcs_dir, tmp_path, capsys):
+    run = epath.Path(tmp_path / "run" if run_in == "local" else f"{gcs_dir}/run")
+    model = _pretraining_run(run)
+    _same_state(mae_jax.load_pretrained(run), model)
     out = f"{gcs_dir}/exported"
     code, stdout, err = _run(["export", run, out], capsys)
     assert code == 0, err
     assert f"wrote {out}" in stdout
-    _same_state(mae_jax.load_pretrained(out), mae_jax.load_pretrained(run))
+    _same_state(mae_jax.load_pretrained(out), model)
     assert read_metadata(out)["source"] == {"pretrain_run": str(run)}
     code, _, err = _run(["export", run, out], capsys)
     _assert_one_line_error(code, err, f"{out}: already exists")
