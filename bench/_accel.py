@@ -6,6 +6,7 @@ Not a library: imported only by the scripts next to it (run from the repository 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import re
@@ -29,6 +30,31 @@ GIB = 2**30
 
 class AccelError(ValueError):
     """A request the tools cannot serve (unknown chip, bad slice name, ...); the message says why."""
+
+
+# Short names of the presets that bench_accel.py and bench_host.py take in --sizes.
+SIZES = {
+    "tiny": "mae_vit_tiny_patch4",
+    "demo": "mae_demo_patch8",
+    "base": "mae_vit_base_patch16",
+    "large": "mae_vit_large_patch16",
+    "huge": "mae_vit_huge_patch14",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line and status 2, without the usage block."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_sizes(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """--sizes 'base,large' -> ['base', 'large'] (keys of SIZES), or the parser's error."""
+    sizes = [s.strip() for s in text.split(",") if s.strip()]
+    if not sizes or any(s not in SIZES for s in sizes):
+        parser.error(f"--sizes {text!r}: choose from {', '.join(SIZES)}")
+    return sizes
 
 
 # --------------------------------------------------------------------------- chip tables

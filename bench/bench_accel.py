@@ -36,23 +36,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import _accel  # noqa: E402
 
-SIZES = {
-    "tiny": "mae_vit_tiny_patch4",
-    "demo": "mae_demo_patch8",
-    "base": "mae_vit_base_patch16",
-    "large": "mae_vit_large_patch16",
-    "huge": "mae_vit_huge_patch14",
-}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="bench_accel.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="base,large,huge", help=f"from {', '.join(SIZES)}")
+    parser = _accel.OneLineParser(prog="bench_accel.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sizes", default="base,large,huge", help=f"from {', '.join(_accel.SIZES)}"
+    )
     parser.add_argument("--batch", type=int, default=64, help="images per device per step")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side and size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -62,10 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, if not in the table")
     parser.add_argument("--allow-cpu", action="store_true", help="smoke run on CPU")
     args = parser.parse_args(argv)
-    args.size_list = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = [s for s in args.size_list if s not in SIZES]
-    if unknown or not args.size_list:
-        parser.error(f"--sizes {args.sizes!r}: choose from {', '.join(SIZES)}")
+    args.size_list = _accel.parse_sizes(parser, args.sizes)
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch and --steps must be positive, --warmup not negative")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
@@ -232,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for size in args.size_list:
-        preset = SIZES[size]
+        preset = _accel.SIZES[size]
         print(f"\n{preset}", flush=True)
         try:
             jx = run_jax(preset, args, device)

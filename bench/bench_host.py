@@ -36,31 +36,20 @@ import time
 import _accel
 import _common
 
-SIZES = {
-    "tiny": "mae_vit_tiny_patch4",
-    "base": "mae_vit_base_patch16",
-    "large": "mae_vit_large_patch16",
-    "huge": "mae_vit_huge_patch14",
-}
 H100_TFLOPS = 989.0
 DEVICE_BATCH = 64  # images per chip for the device-time column
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="bench_host.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="base,large,huge", help=f"from {', '.join(SIZES)}")
+    parser = _accel.OneLineParser(prog="bench_host.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sizes", default="base,large,huge", help=f"from {', '.join(_accel.SIZES)}"
+    )
     parser.add_argument("--calls", type=int, default=30, help="timed calls of the real step")
     parser.add_argument("--bare-calls", type=int, default=200, help="timed calls of the bare one")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (compile)")
     args = parser.parse_args(argv)
-    args.size_list = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    if not args.size_list or any(s not in SIZES for s in args.size_list):
-        parser.error(f"--sizes {args.sizes!r}: choose from {', '.join(SIZES)}")
+    args.size_list = _accel.parse_sizes(parser, args.sizes)
     if min(args.calls, args.bare_calls) < 1 or args.warmup < 1:
         parser.error("--calls, --bare-calls and --warmup must be positive")
     return args
@@ -182,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = []
     for size in args.size_list:
-        preset = SIZES[size]
+        preset = _accel.SIZES[size]
         r = measure(preset, args)
         ms = {(k, t): 1e3 * statistics.median(r[k][t]) for k in ("real", "bare") for t in r[k]}
         print(

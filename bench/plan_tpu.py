@@ -29,15 +29,10 @@ DTYPES = ("bfloat16", "float32")
 HEARTBEAT_S = 30.0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from mae_jax.config import PRESETS
 
-    parser = _Parser(prog="plan_tpu.py", description=__doc__.split("\n\n")[0])
+    parser = _accel.OneLineParser(prog="plan_tpu.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("preset", help=f"one of: {', '.join(PRESETS)}")
     parser.add_argument("--tpu", required=True, help="slice: v4-8, v5e-8, v5p-8, v6e-8, ...")
     parser.add_argument("--batch", required=True, help="images per chip; a list: 64,128,256")

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import _accel  # noqa: E402
 import bench_accel  # noqa: E402
+import bench_host  # noqa: E402
 import plan_tpu  # noqa: E402
 
 
@@ -68,6 +69,8 @@ def test_peak_table_matches_device_kinds(kind, tflops):
         (plan_tpu, ["mae_vit_base_patch16", "--tpu", "v5e-8", "--batch", "8,x"], "--batch"),
         (bench_accel, ["--sizes", "base,giant"], "--sizes"),
         (bench_accel, ["--batch", "0"], "positive"),
+        (bench_host, ["--sizes", "base,giant"], "--sizes"),
+        (bench_host, ["--calls", "0"], "positive"),
     ],
 )
 def test_bad_arguments_give_one_line_and_status_2(module, argv, message, capsys):
