@@ -304,11 +304,19 @@ class OptimizerShards:
     the full parameters, which stay replicated. On the host, ``shard``/``unshard`` convert the
     optimizer state between this layout (leading device axis, one slice per device) and the
     full state that checkpoints hold, so a run can resume with either layout.
+
+    With several hosts, n counts the devices of all of them and a host holds the slices of its
+    own devices: ``local_rows`` are their indices on the pmap axis (``local_axis_indices``).
+    ``unshard`` gathers every host's slices (a collective, at saves only), so each host gets
+    the full state and checkpoints keep the one layout whatever the hosts.
     """
 
-    def __init__(self, params: nnx.State, n: int):
+    def __init__(self, params: nnx.State, n: int, local_rows: np.ndarray | None = None):
         self.n = n
         self.shapes = jax.tree.map(lambda p: tuple(np.shape(p)), params)
+        self.local_rows = np.arange(n) if local_rows is None else np.asarray(local_rows)
+        # The rows of every host, in the order process_allgather stacks the hosts' slices.
+        self.all_rows = multihost.gather_ints(self.local_rows).reshape(-1)
 
     def _slice_len(self, shape: tuple[int, ...]) -> int:
         return -(-math.prod(shape) // self.n)
@@ -352,29 +360,39 @@ class OptimizerShards:
     # -- on the host
 
     def shard(self, full_state: Any, sharded_like: Any) -> Any:
-        """Full optimizer state -> [n, ...] per-device leaves (slices, or copies of scalars)."""
+        """Full optimizer state -> [local devices, ...] leaves (this host's slices, or copies of
+        scalars)."""
+        rows = len(self.local_rows)
 
         def split(full, like):
             full = np.asarray(full)
             if full.shape == np.shape(like):  # not parameter-shaped (the step count): copy it
-                return np.broadcast_to(full, (self.n, *full.shape)).copy()
+                return np.broadcast_to(full, (rows, *full.shape)).copy()
             k = np.shape(like)[0]
             flat = np.zeros(self.n * k, full.dtype)
             flat[: full.size] = full.reshape(-1)
-            return flat.reshape(self.n, k)
+            return flat.reshape(self.n, k)[self.local_rows]
 
         return jax.tree.map(split, full_state, sharded_like)
 
     def unshard(self, device_state: Any, full_like: Any) -> Any:
-        """[n, ...] per-device leaves -> the full optimizer state, as host arrays."""
+        """[local devices, ...] leaves of every host -> the full optimizer state, as host arrays
+        (with several hosts, a collective that every host must call)."""
+        local = jax.tree.map(np.asarray, device_state)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            hosts = multihost_utils.process_allgather(local)  # [hosts, local devices, ...]
+            local = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), hosts)
 
         def join(dev, full):
-            dev = np.asarray(dev)
             if dev.shape[1:] == np.shape(full):
                 return dev[0]
-            return dev.reshape(-1)[: np.size(full)].reshape(np.shape(full))
+            ordered = np.empty_like(dev)
+            ordered[self.all_rows] = dev
+            return ordered.reshape(-1)[: np.size(full)].reshape(np.shape(full))
 
-        return jax.tree.map(join, device_state, full_like)
+        return jax.tree.map(join, local, full_like)
 
 
 def make_train_step(
@@ -440,6 +458,14 @@ def make_sharded_train_step(step_fn: Callable, mesh: jax.sharding.Mesh) -> Calla
         check_vma=False,
     )
     return jax.jit(mapped, donate_argnums=(0, 1))
+
+
+def local_axis_indices(n_local: int) -> np.ndarray:
+    """The pmap axis indices of this host's devices (0..n-1 on one host)."""
+    if jax.process_count() == 1:
+        return np.arange(n_local)
+    index = jax.pmap(lambda _: jax.lax.axis_index(AXIS), axis_name=AXIS)(np.zeros(n_local))
+    return np.asarray(index)
 
 
 def replicate(tree: Any, n: int) -> Any:
@@ -709,11 +735,6 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     workdir = make_workdir(workdir)
     dtype = compute_dtype(config.dtype)
     _check_saved_config(workdir, config)
-    if config.shard_optimizer and jax.process_count() > 1:
-        raise TrainingError(
-            "shard_optimizer=true runs on one host for now: its checkpoints gather the optimizer "
-            "slices of the local devices only"
-        )
 
     # ---- data: this host's shard, batches of batch_size * local devices
     n_dev = jax.local_device_count()
@@ -751,7 +772,11 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     decay_mask = optim.pretrain_decay_mask(params)
     tx = optim.pretrain_direction(weight_decay=config.weight_decay, mask=decay_mask)
     opt_state = tx.init(params)  # the full state, as checkpoints hold it
-    shards = OptimizerShards(params, n_dev) if config.shard_optimizer else None
+    shards = (
+        OptimizerShards(params, jax.device_count(), local_axis_indices(n_dev))
+        if config.shard_optimizer
+        else None
+    )
 
     # ---- restore
     ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
