@@ -4,6 +4,8 @@ step that bench/_accel.build_step builds (its signature must follow mae_jax.trai
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 from jax.extend import core as jax_core
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
 
 import _accel  # noqa: E402
 import bench_accel  # noqa: E402
@@ -181,3 +184,27 @@ def test_compile_only_tpu_devices_without_a_tpu():
     pytest.importorskip("libtpu")
     devices = _accel.compile_only_devices(_accel.parse_tpu_slice("v5e-8"))
     assert len(devices) == 8 and devices[0].device_kind == "TPU v5 lite"
+
+
+def test_device_check_runs_on_cpu(tmp_path):
+    """bench/device_check.sh --cpu: every step of the first-GPU script (tiny model) passes and
+    the summary holds each step's status and its key lines."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env["PYTHON"] = sys.executable
+    result = subprocess.run(
+        ["bash", "bench/device_check.sh", "--cpu", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    summary = (tmp_path / "summary.txt").read_text()
+    assert result.returncode == 0, summary + result.stderr[-2000:]
+    steps = ("weights", "export", "convert", "parity", "precision", "attention", "accel", "host")
+    for step in steps:
+        assert f"[ok]     {step} (" in summary
+    assert "[FAILED]" not in summary
+    assert "parity: all stages within tolerance" in summary
+    assert summary.count("finite True: ok") == 3  # the tiny MAE's encoder, decoder, classifier
+    assert "matmul calibration" in summary and "tiny (183 leaves)" in summary
