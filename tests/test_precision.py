@@ -94,12 +94,17 @@ def test_float32_classifier_forward_is_highest_everywhere(platform, global_pool)
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_bfloat16_train_step_stays_at_default(cudnn_present, platform):  # noqa: F811
+@pytest.mark.parametrize(
+    "dtype, precision", [(jnp.float32, "HIGHEST"), (jnp.bfloat16, "DEFAULT")], ids=["f32", "bf16"]
+)
+def test_train_step_precision(cudnn_present, platform, dtype, precision):  # noqa: F811
+    """The whole step, backward and optimizer included: float32 all HIGHEST (the gradients'
+    matmuls inherit the forward's precision), bfloat16 all DEFAULT."""
     with jax.default_matmul_precision("default"):
-        text = _lower_step(platform, jnp.bfloat16)
+        text = _lower_step(platform, dtype)
     precisions = matmul_precisions(text)
     assert len(precisions) > 0
-    assert precisions.count(("DEFAULT", "DEFAULT")) == len(precisions)
+    assert precisions.count((precision, precision)) == len(precisions)
 
 
 def test_bfloat16_keeps_the_residual_stream_and_layer_norm_in_float32():
