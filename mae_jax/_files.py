@@ -54,6 +54,21 @@ def is_local(path: PathLike | epath.Path) -> bool:
     return not is_url(path)
 
 
+def check_bucket(path: PathLike | epath.Path) -> None:
+    """PathError naming ``path`` when its bucket does not exist or cannot be reached (a no-op
+    for local paths). Object stores have no folders to create, so a run in a bucket that is not
+    there would otherwise fail only at its first write."""
+    if not is_url(path):
+        return
+    text = str(path)
+    scheme, rest = text.split("://", 1)
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    with naming(path):
+        found = epath.Path(bucket).exists()
+    if not found:
+        raise PathError(f"{text}: the bucket {bucket} does not exist or cannot be reached")
+
+
 def _check_backend(url: str) -> None:
     scheme = url.split("://", 1)[0]
     if scheme == "gs":

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from mae_jax import masking, multihost, optim
-from mae_jax._files import AppendLog, atomic_write, run_path
+from mae_jax._files import AppendLog, atomic_write, check_bucket, naming, run_path
 from mae_jax.config import MAEConfig, get_config, parse_setting
 from mae_jax.model import FixedEmbedding, MaskedAutoencoderViT
 from mae_jax.normalization import IMAGENET, Normalization, recorded_normalization
@@ -1002,11 +1002,9 @@ class _MetricsLog:
 def make_workdir(workdir: Any) -> Any:
     """``workdir`` as a run path (local or bucket), created; one line if it cannot be."""
     path = run_path(workdir)
-    try:
+    check_bucket(path)
+    with naming(path):
         path.mkdir(parents=True, exist_ok=True)
-        path.exists()  # a bucket that cannot be reached fails here, not in the first save
-    except Exception as err:  # gcsfs and friends raise their own types for a bad bucket
-        raise TrainingError(f"{workdir}: cannot create the run directory ({err})") from err
     return path
 
 

@@ -100,3 +100,15 @@ def test_run_in_a_bucket_killed_and_resumed_equals_a_local_run(gcs_dir, tmp_path
     assert (run / "reconstructions" / f"step_{STEPS:08d}.png").exists()
     assert any((run / "tensorboard").iterdir())
     assert _checkpoint_steps(workdir)[-1] == STEPS
+
+
+def test_a_run_in_a_missing_bucket_is_one_line(gcs_env, capsys):
+    from mae_jax import cli
+
+    code = cli.main(["pretrain", "--workdir", "gs://no-such-bucket/run", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err == (
+        "mae-jax: error: gs://no-such-bucket/run: the bucket gs://no-such-bucket does not exist "
+        "or cannot be reached\n"
+    )

@@ -227,3 +227,24 @@ def test_a_host_with_other_settings_is_refused(tmp_path):
         assert "mae-jax: error: the settings of host 1 differ from host 0's" in out
         assert "Traceback" not in out
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_resume_on_other_devices_is_refused_in_one_line(tmp_path):
+    """A run's data shards and global batch depend on its hosts and devices: resuming on other
+    ones is refused, naming what the run was started with."""
+    data = _image_folder(tmp_path / "imgs", n=8)
+    argv = _pretrain_argv(data, tmp_path / "run", max_steps=2, ckpt_every=2)
+
+    def run(devices: int) -> subprocess.CompletedProcess:
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        cmd = [sys.executable, "-m", "mae_jax.cli", *argv]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    assert run(2).returncode == 0
+    refused = run(1)
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        f"mae-jax: error: {tmp_path / 'run' / 'checkpoints'}: this run was started on 1 host(s) "
+        "x 2 local device(s), it is now on 1 x 1; resume it on the same hosts and devices, or "
+        "start a new run with another --workdir\n"
+    )
