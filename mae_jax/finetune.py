@@ -388,6 +388,7 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
     step = 0
     states = {"params": params, "stats": stats, "frozen": frozen}
     start = ckpts.latest_step()
+    multihost.check_same_checkpoint(start, workdir / "checkpoints")
     if start is not None:
         states, opt_state, meta = ckpts.restore(start, states, opt_state)
         multihost.check_topology(meta.get("topology"), workdir / "checkpoints")

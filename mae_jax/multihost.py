@@ -97,6 +97,21 @@ def check_topology(saved: dict[str, int] | None, where: Any) -> None:
     )
 
 
+def check_same_checkpoint(step: int | None, where: Any) -> None:
+    """HostMismatchError on every host when the hosts found different latest checkpoints in
+    ``where``: each host restores on its own, so they must all see the same workdir."""
+    steps = gather_ints([-1 if step is None else step])[:, 0]
+    if len(set(steps.tolist())) == 1:
+        return
+    seen = ", ".join(
+        f"host {i}: {'none' if s < 0 else f'step {s}'}" for i, s in enumerate(steps.tolist())
+    )
+    raise HostMismatchError(
+        f"{where}: the hosts see different latest checkpoints ({seen}); the workdir must be one "
+        "that every host reads and writes (a gs:// bucket or a shared file system)"
+    )
+
+
 class StopRequest:
     """SIGTERM and SIGINT turned into a stop that every host takes at the same step.
 

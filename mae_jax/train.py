@@ -782,6 +782,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
     step = 0
     start = ckpts.latest_step()
+    multihost.check_same_checkpoint(start, workdir / "checkpoints")
     if start is not None:
         _, opt_state, meta = ckpts.restore(start, {"params": params, "fixed": fixed}, opt_state)
         multihost.check_topology(meta.get("topology"), workdir / "checkpoints")

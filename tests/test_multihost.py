@@ -248,3 +248,17 @@ def test_resume_on_other_devices_is_refused_in_one_line(tmp_path):
         "x 2 local device(s), it is now on 1 x 1; resume it on the same hosts and devices, or "
         "start a new run with another --workdir\n"
     )
+
+
+@LINUX_ONLY
+def test_hosts_with_their_own_workdirs_cannot_resume(tmp_path):
+    """Each host restores on its own, so hosts that each write a local workdir of their own
+    (no shared file system, no bucket) are refused on resume, in one line on every host."""
+    data = _image_folder(tmp_path / "imgs", n=16)
+    argv = _pretrain_argv(data, tmp_path / "unused", max_steps=2, ckpt_every=2)
+    own = [["--workdir", str(tmp_path / f"host{i}")] for i in range(2)]
+    _finish(_start_two_hosts(argv, host_extra=own))
+    outputs = _finish(_start_two_hosts(argv, host_extra=own), codes=(2, 2))
+    for out in outputs:
+        assert "the hosts see different latest checkpoints (host 0: step 2, host 1: none)" in out
+        assert "Traceback" not in out
