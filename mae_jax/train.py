@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from mae_jax import masking, multihost, optim
-from mae_jax._files import AppendLog, atomic_write, check_bucket, naming, run_path
+from mae_jax._files import AppendLog, atomic_write, check_bucket, is_url, naming, run_path
 from mae_jax.config import MAEConfig, get_config, parse_setting
 from mae_jax.model import FixedEmbedding, MaskedAutoencoderViT
 from mae_jax.normalization import IMAGENET, Normalization, recorded_normalization
@@ -527,7 +527,7 @@ class Checkpoints:
         self._ocp = ocp
         directory = run_path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
-            directory if "://" in str(directory) else directory.absolute(),
+            directory if is_url(directory) else directory.absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
         # The step of the last save started by this process: every host keeps the same count,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from etils import epath
 
 from tests.test_train import _image_folder
 
@@ -22,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two_hosts(argv: list[str], host_extra=([], [])) -> list[subprocess.Popen]:
+def _start_two_hosts(argv: list[str], host_extra=([], []), **env_extra) -> list[subprocess.Popen]:
     """``mae-jax *argv --distributed`` as two processes of two CPU devices, started; host i
     gets ``host_extra[i]`` too."""
     port = _free_port()
@@ -30,6 +31,7 @@ def _start_two_hosts(argv: list[str], host_extra=([], [])) -> list[subprocess.Po
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
         "JAX_PLATFORMS": "cpu",
+        **env_extra,
     }
     distributed = ["--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     return [
@@ -111,10 +113,11 @@ def _pretrain_argv(data, workdir, **extra) -> list[str]:
     return argv + _settings(**{**settings, **extra})
 
 
-def _logged(workdir: Path) -> dict[int, float]:
-    """step -> loss of metrics.jsonl; a step logged again after a resume must log the same."""
+def _logged(workdir) -> dict[int, float]:
+    """step -> loss of metrics.jsonl (local or in a bucket); a step logged again after a resume
+    must log the same."""
     losses: dict[int, float] = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    for line in epath.Path(workdir, "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         assert losses.setdefault(record["step"], record["loss"]) == record["loss"], record
     return losses
@@ -251,14 +254,52 @@ def test_resume_on_other_devices_is_refused_in_one_line(tmp_path):
 
 
 @LINUX_ONLY
-def test_hosts_with_their_own_workdirs_cannot_resume(tmp_path):
-    """Each host restores on its own, so hosts that each write a local workdir of their own
-    (no shared file system, no bucket) are refused on resume, in one line on every host."""
-    data = _image_folder(tmp_path / "imgs", n=16)
-    argv = _pretrain_argv(data, tmp_path / "unused", max_steps=2, ckpt_every=2)
-    own = [["--workdir", str(tmp_path / f"host{i}")] for i in range(2)]
-    _finish(_start_two_hosts(argv, host_extra=own))
-    outputs = _finish(_start_two_hosts(argv, host_extra=own), codes=(2, 2))
+def test_hosts_with_their_own_workdirs_cannot_resume(uninterrupted, tmp_path):
+    """Each host restores on its own, so hosts that see different workdirs (a local folder each,
+    no shared file system, no bucket) are refused in one line on every host, before any step:
+    here host 0 has the finished run's workdir and host 1 an empty one."""
+    data, _, workdir = uninterrupted
+    argv = _pretrain_argv(data, workdir)
+    outputs = _finish(
+        _start_two_hosts(argv, host_extra=[[], ["--workdir", str(tmp_path / "host1")]]),
+        codes=(2, 2),
+    )
     for out in outputs:
-        assert "the hosts see different latest checkpoints (host 0: step 2, host 1: none)" in out
+        assert f"the hosts see different latest checkpoints (host 0: step {STEPS}, host 1: none)" in out
         assert "Traceback" not in out
+
+
+@LINUX_ONLY
+def test_two_hosts_with_the_run_in_a_bucket_killed_and_resumed(uninterrupted, gcs_dir, tmp_path):
+    """A pod's run kept in a bucket: the records and the workdir in the emulated GCS bucket, both
+    hosts SIGKILLed after the first complete checkpoint, the same command resumes, and the
+    logged losses equal the uninterrupted run's on local files bit for bit. Config, figures,
+    TensorBoard events and checkpoints are in the bucket; nothing went to a local 'gs:' folder."""
+    from mae_jax import records
+    from tests.test_bucket_run import complete_checkpoints
+
+    data, expected, _ = uninterrupted
+    bucket_data, workdir = f"{gcs_dir}/records", f"{gcs_dir}/run"
+    records.write_records(data, bucket_data, progress=False)
+    argv = _pretrain_argv(bucket_data, workdir, recon_every=16)
+    cache = str(tmp_path / "cache")  # both hosts stage the shards into one machine's cache
+    procs = _start_two_hosts(argv, MAE_JAX_CACHE=cache)
+    deadline = time.time() + 180
+    while not complete_checkpoints(workdir):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "run ended early"
+        time.sleep(0.1)
+    time.sleep(0.3)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    _finish(procs, codes=(-9, -9))
+    assert complete_checkpoints(workdir)[-1] < STEPS
+
+    outputs = _finish(_start_two_hosts(argv, MAE_JAX_CACHE=cache))
+    assert f"resuming from {workdir}/checkpoints at step" in outputs[0]
+    assert _logged(workdir) == expected
+    run = epath.Path(workdir)
+    assert json.loads((run / "config.json").read_text())["data"] == bucket_data
+    assert (run / "reconstructions" / f"step_{STEPS:08d}.png").exists()
+    assert any((run / "tensorboard").iterdir())
+    assert complete_checkpoints(workdir)[-1] == STEPS
+    assert not Path("gs:").exists() and not (Path(__file__).parent.parent / "gs:").exists()
