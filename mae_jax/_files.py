@@ -47,7 +47,7 @@ def run_path(path: PathLike) -> epath.Path:
 
 def is_url(path: PathLike | epath.Path) -> bool:
     """Whether ``path`` names an object store (``scheme://...``) rather than a local file."""
-    return "://" in os.fspath(path) if not isinstance(path, epath.Path) else "://" in str(path)
+    return "://" in str(path)
 
 
 def is_local(path: PathLike | epath.Path) -> bool:

@@ -44,12 +44,12 @@ from mae_jax.train import (
     _check_saved_config,
     _close_run,
     _MetricsLog,
-    make_workdir,
     _progress,
     _save_or_stop,
     apply_overrides,
     check_finite,
     compute_dtype,
+    make_workdir,
     model_from_preset,
     normalization_for,
     plan_steps,
@@ -387,12 +387,9 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
     ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
     step = 0
     states = {"params": params, "stats": stats, "frozen": frozen}
-    start = ckpts.latest_step()
-    multihost.check_same_checkpoint(start, workdir / "checkpoints")
-    if start is not None:
-        states, opt_state, meta = ckpts.restore(start, states, opt_state)
-        multihost.check_topology(meta.get("topology"), workdir / "checkpoints")
-        loader.set_state(multihost.own_data_state(meta["data"]))
+    resumed = ckpts.resume(states, opt_state, loader)
+    if resumed is not None:
+        states, opt_state, meta = resumed
         step = int(meta["step"])
         print(f"resuming from {workdir / 'checkpoints'} at step {step} (epoch {loader.epoch})")
     rep = {k: replicate(v, n_dev) for k, v in states.items()}
@@ -414,8 +411,7 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
         meta = {
             "step": step,
             "epoch": loader.epoch,
-            "data": multihost.gather_data_states(loader.get_state()),
-            "topology": multihost.topology(),
+            **Checkpoints.position(loader.get_state()),
             "config": config.to_dict(),
         }
         ckpts.save(step, {k: unreplicate(v) for k, v in rep.items()}, unreplicate(rep_opt), meta)

@@ -525,7 +525,7 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        directory = run_path(workdir) / "checkpoints"
+        directory = self.directory = run_path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             directory if is_url(directory) else directory.absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -572,6 +572,31 @@ class Checkpoints:
             return states, None, {}
         opt_leaves = [restored.opt_state[str(i)] for i in range(len(leaves))]
         return states, jax.tree.unflatten(treedef, opt_leaves), restored.meta
+
+    def resume(
+        self, states: dict[str, nnx.State], opt_state: Any, loader: Any
+    ) -> tuple[dict[str, nnx.State], Any, dict] | None:
+        """The latest checkpoint of a run restored like ``restore``, with this host's data
+        position set on ``loader``; None when the run has none yet. Every host must see the
+        same latest step, and the run's hosts and devices must be the ones it was started with
+        (one-line refusals otherwise)."""
+        start = self.latest_step()
+        multihost.check_same_checkpoint(start, self.directory)
+        if start is None:
+            return None
+        states, opt_state, meta = self.restore(start, states, opt_state)
+        multihost.check_topology(meta.get("topology"), self.directory)
+        loader.set_state(multihost.own_data_state(meta["data"]))
+        return states, opt_state, meta
+
+    @staticmethod
+    def position(loader_state: dict[str, int]) -> dict[str, Any]:
+        """What a checkpoint's meta needs for ``resume``: every host's loader state and the run's
+        hosts and devices (a collective: every host calls it at each save)."""
+        return {
+            "data": multihost.gather_data_states(loader_state),
+            "topology": multihost.topology(),
+        }
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -781,12 +806,9 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
     # ---- restore
     ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
     step = 0
-    start = ckpts.latest_step()
-    multihost.check_same_checkpoint(start, workdir / "checkpoints")
-    if start is not None:
-        _, opt_state, meta = ckpts.restore(start, {"params": params, "fixed": fixed}, opt_state)
-        multihost.check_topology(meta.get("topology"), workdir / "checkpoints")
-        loader.set_state(multihost.own_data_state(meta["data"]))
+    resumed = ckpts.resume({"params": params, "fixed": fixed}, opt_state, loader)
+    if resumed is not None:
+        _, opt_state, meta = resumed
         step = int(meta["step"])
         if jax.process_index() == 0:
             print(f"resuming from {workdir / 'checkpoints'} at step {step} (epoch {loader.epoch})")
@@ -847,8 +869,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         meta = {
             "step": state.step,
             "epoch": last.epoch,
-            "data": multihost.gather_data_states(last.data_state),
-            "topology": multihost.topology(),
+            **Checkpoints.position(last.data_state),
             "seed": config.seed,
             "config": config.to_dict(),
         }
