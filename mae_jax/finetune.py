@@ -37,9 +37,9 @@ from mae_jax.classifier import (
 )
 from mae_jax.config import get_vit_config
 from mae_jax.normalization import Normalization, as_metadata
+from mae_jax.run_checkpoints import Checkpoints
 from mae_jax.train import (
     AXIS,
-    Checkpoints,
     TrainingError,
     _check_saved_config,
     _close_run,

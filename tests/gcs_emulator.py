@@ -14,7 +14,6 @@ StorageGeneration".
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import sys

@@ -18,7 +18,7 @@ from etils import epath
 import mae_jax
 from convert import orbax_to_pth, pth_to_orbax
 from convert.pth_io import PthError, read_pth
-from mae_jax import _files, cli, data, records
+from mae_jax import _files, cli, data, records, run_checkpoints
 from mae_jax.checkpoint import read_metadata, state_as_numpy
 from tests.test_records import folder  # noqa: F401  the image-folder fixture
 
@@ -170,7 +170,7 @@ def _pretraining_run(run: epath.Path):
     (run / "config.json").write_text(json.dumps(config.to_dict()))
     model = mae_jax.create_model("mae_vit_tiny_patch4", rngs=nnx.Rngs(3))
     _, params, fixed = train.split_model(model)
-    ckpts = train.Checkpoints(run, keep=1)
+    ckpts = run_checkpoints.Checkpoints(run, keep=1)
     ckpts.save(1, {"params": params, "fixed": fixed}, {"count": np.zeros(1)}, {"step": 1})
     ckpts.wait()
     ckpts.close()
