@@ -37,6 +37,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from mae_jax.loader_workers import remove_dead_runs_segments, worker_start_hook
 from mae_jax.normalization import (  # noqa: F401 (IMAGENET_MEAN/STD: part of this module's API)
     IMAGENET,
     IMAGENET_MEAN,
@@ -725,7 +726,9 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
             return iter(dataset)
         # Each worker process builds whole batches on one core (no reading threads, which would
         # only contend for that core) and keeps its share of the read-ahead in shared memory.
+        # Workers exit with this process, however it dies; segments of dead runs are unlinked.
         _allow_grain_workers()
+        remove_dead_runs_segments()
         per_worker = -(-self.prefetch_batches // self.worker_count)
         dataset = (
             grain.MapDataset.range(self._next_batch, 2**62 if stop is None else stop)
@@ -734,7 +737,8 @@ class PretrainBatches(Iterator[tuple[int, dict[str, np.ndarray]]]):
             .mp_prefetch(
                 grain.MultiprocessingOptions(
                     num_workers=self.worker_count, per_worker_buffer_size=per_worker
-                )
+                ),
+                worker_init_fn=worker_start_hook(),
             )
         )
         return iter(dataset)
@@ -834,6 +838,9 @@ def pretrain_batches(
     Parallelism: ``worker_count`` worker processes each build whole batches on one core;
     -1 (the default) is ``auto_worker_count()``, every usable core but one; 0 decodes in
     ``read_threads`` threads of this process instead (no process start-up, 1.5-3 s per worker).
+    On Linux, worker processes exit when this process dies, however it dies (SIGKILL included),
+    and a loader that starts workers first unlinks the shared memory of runs whose process is dead
+    (``mae_jax.loader_workers``).
     ``prefetch_batches``: how many finished batches may wait ahead of the consumer (rounded up to
     a multiple of the worker count, each worker keeping its share). Host memory for them is about
     (prefetch_batches + workers) x batch_size x img_size² x 3 bytes for uint8, 4x that for
