@@ -1,6 +1,8 @@
 """The ``mae-jax`` command: pretrain, reconstruct, demo, export, prepare-data, eval.
 
 User mistakes end in one line on stderr (``mae-jax: error: ...``) and exit status 2; no tracebacks.
+A run stopped by a signal after saving exits with 75 (``multihost.EXIT_INTERRUPTED``), one stopped
+at once by a second signal with 130 (``EXIT_STOPPED``); done is 0.
 Every checkpoint, run, data and output path may be a bucket URL (``gs://bucket/...``) as well as a
 local path (``mae_jax._files.run_path``); an unreachable bucket or a missing object is one such line
 naming the path (``mae_jax._files.PathError``, an OSError).
@@ -15,6 +17,8 @@ from pathlib import Path
 
 from mae_jax._files import naming, run_path
 
+EXIT_STOPPED = 130  # a second Ctrl-C: stopped without saving (128 + SIGINT, as shells report it)
+
 
 class UsageError(ValueError):
     """A bad command-line value; the message says which and why."""
@@ -27,6 +31,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mae_jax.data import DataError
     from mae_jax.model import MissingDecoderError
     from mae_jax.multihost import HostMismatchError
+    from mae_jax.run_settings import SettingsError
     from mae_jax.train import TrainingError
     from mae_jax.visualize import PanelInputError
 
@@ -41,6 +46,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         TrainingError,
         PanelInputError,
         HostMismatchError,
+        SettingsError,
         OSError,
     )
 
@@ -594,7 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
-        return _fail("interrupted")
+        # a second signal during a run: its complete checkpoints are kept
+        print("mae-jax: interrupted; stopped without saving", file=sys.stderr)
+        return EXIT_STOPPED
 
 
 if __name__ == "__main__":

@@ -118,10 +118,13 @@ class StopRequest:
     ``should_stop()`` is called once per training step by every host, in the same order; it is
     True at the step the run must save and exit, on all hosts alike. ``signal`` names what
     stopped the run. ``reached_preemption`` is the multi-host agreement (Orbax's
-    ``CheckpointManager.reached_preemption``); it is consulted only with several processes.
+    ``CheckpointManager.reached_preemption``, given here or through ``agree_through`` once the
+    manager exists); it is consulted only with several processes. The handlers stay until the
+    context exits, which a run does after its last save completed: a signal during that save
+    is noted, not fatal. A second signal stops at once (KeyboardInterrupt).
     """
 
-    def __init__(self, reached_preemption: Callable[[int], bool]):
+    def __init__(self, reached_preemption: Callable[[int], bool] | None = None):
         self.signal: int | None = None
         self._reached = reached_preemption
         self._distributed = jax.process_count() > 1
@@ -133,6 +136,10 @@ class StopRequest:
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def agree_through(self, reached_preemption: Callable[[int], bool]) -> None:
+        """Set the multi-host agreement (once the run's checkpoint manager exists)."""
+        self._reached = reached_preemption
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None:  # a second Ctrl-C: stop now

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from mae_jax._files import AppendLog, run_path
 
 FILE_VERSION = "brain.Event:2"
+_SESSION_START = 1  # SessionLog.SessionStatus.START
 _CASTAGNOLI_REVERSED = 0x82F63B78
 _MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF
@@ -124,11 +125,16 @@ def encode_event(
     *,
     file_version: str | None = None,
     scalars: dict[str, float] | None = None,
+    session_start: bool = False,
 ) -> bytes:
-    """A serialized ``Event`` with a file version or a summary of simple scalar values."""
+    """A serialized ``Event`` with a file version, a summary of simple scalar values, or a
+    ``SessionLog`` START (TensorBoard then drops the events it read earlier at ``step`` and
+    after: how a restarted run replaces what it logs again)."""
     out = _key(1, _FIXED64) + struct.pack("<d", wall_time) + _key(2, _VARINT) + _varint(step)
     if file_version is not None:
         out += _length_delimited(3, file_version.encode())
+    if session_start:
+        out += _length_delimited(7, _key(1, _VARINT) + _varint(_SESSION_START))
     if scalars:
         summary = b"".join(
             _length_delimited(
@@ -152,7 +158,13 @@ class SummaryWriter:
     reads while it grows, so it is written in place rather than through a temporary file.
     """
 
-    def __init__(self, logdir: str | os.PathLike, *, flush_secs: float = 10.0):
+    def __init__(
+        self,
+        logdir: str | os.PathLike,
+        *,
+        flush_secs: float = 10.0,
+        purge_step: int | None = None,
+    ):
         logdir = run_path(logdir)
         logdir.mkdir(parents=True, exist_ok=True)
         base = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
@@ -160,6 +172,9 @@ class SummaryWriter:
         self._flush_secs = flush_secs
         self._last_flush = time.monotonic()
         self._file.write(frame_record(encode_event(time.time(), 0, file_version=FILE_VERSION)))
+        if purge_step is not None:  # a resumed run: events from purge_step on are logged again
+            event = encode_event(time.time(), int(purge_step), session_start=True)
+            self._file.write(frame_record(event))
         self.flush()
 
     def scalar(self, tag: str, value: float, step: int, wall_time: float | None = None) -> None:

@@ -28,11 +28,14 @@ import optax
 from flax import nnx
 
 from mae_jax import masking, multihost, optim
-from mae_jax._files import AppendLog, atomic_write, check_bucket, naming, run_path
+from mae_jax._files import check_bucket, naming, run_path
 from mae_jax.config import MAEConfig, get_config, parse_setting
 from mae_jax.model import FixedEmbedding, MaskedAutoencoderViT
 from mae_jax.normalization import IMAGENET, Normalization, recorded_normalization
 from mae_jax.run_checkpoints import Checkpoints
+from mae_jax.run_metrics import MetricsLog
+from mae_jax.run_settings import check_settings, compare_with_saved, write_settings
+from mae_jax.workdir_lock import WorkdirLock
 
 AXIS = "devices"  # the pmap axis name
 
@@ -73,6 +76,9 @@ class PretrainConfig:
     log_every: int = 20  # micro-steps between metric lines
     ckpt_every: int = 1000  # micro-steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3
+    # Resume from this step's checkpoint instead of the newest (e.g. before a loss went
+    # non-finite; newer checkpoints are then discarded). None: the newest that verifies.
+    restore_step: int | None = None
     recon_every: int = 1000  # micro-steps between reconstruction figures; 0 = never
     recon_images: int = 4
     read_threads: int = 16
@@ -547,6 +553,28 @@ def _save_or_stop(previous, step, total_steps, config, ckpts, save, stop, summar
     return True
 
 
+def resume_run(
+    ckpts: Checkpoints, states: dict, opt_state: Any, loader: Any, config: Any, changes: list[str]
+) -> tuple[dict, Any, int]:
+    """(states, opt_state, step) to start from: the checkpoint of ``config.restore_step``, else
+    the newest that verifies, restored (with the loader's position), and step 0 for a new run.
+    Says where it resumes and the settings changed since (``run_settings.compare_with_saved``);
+    after a ``restore_step``, the newer checkpoints are discarded (the run goes another way)."""
+    chosen = {} if config.restore_step is None else {"restore_step": config.restore_step}
+    resumed = ckpts.resume(states, opt_state, loader, **chosen)
+    if resumed is None:
+        return states, opt_state, 0
+    states, opt_state, meta = resumed
+    step = int(meta["step"])
+    if jax.process_index() == 0:
+        print(f"resuming from {ckpts.directory} at step {step} (epoch {loader.epoch})")
+        for line in changes:
+            print(f"changed since the last start: {line}")
+    if config.restore_step is not None:
+        ckpts.discard_after(step)
+    return states, opt_state, step
+
+
 def _close_run(ckpts, *closables) -> None:
     """Wait for the last asynchronous save, then close the checkpoints and everything else."""
     ckpts.wait()
@@ -657,14 +685,22 @@ def _crossed(before: int, after: int, every: int) -> bool:
 
 def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
     """Run (or resume) pretraining in ``workdir``; returns a summary of the run."""
-    from mae_jax import data as data_lib
-
-    model_config = config.model_config()  # a bad model setting fails before anything is made
+    check_settings(config)  # every bad value is one line before anything is made or written
+    model_config = config.model_config()
+    check_settings(config, model_config.num_patches)
     norm = normalization_for(model_config.in_chans, config.mean, config.std)
     multihost.check_same_settings(config.to_dict())
     workdir = make_workdir(workdir)
+    with WorkdirLock(workdir) as lock, multihost.StopRequest() as stop:
+        return _pretrain(config, model_config, norm, workdir, lock, stop, progress)
+
+
+def _pretrain(config, model_config, norm, workdir, lock, stop, progress) -> dict:
+    """``pretrain`` in its workdir, holding its lock, with signals turned into a stop."""
+    from mae_jax import data as data_lib
+
+    changes = compare_with_saved(workdir, config, _model_dict)
     dtype = compute_dtype(config.dtype)
-    _check_saved_config(workdir, config)
 
     # ---- data: this host's shard, batches of batch_size * local devices
     n_dev = jax.local_device_count()
@@ -687,6 +723,31 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
         pixels="uint8",
         norm=norm,
     )
+    try:
+        return _pretrain_with_data(
+            config,
+            model_config,
+            norm,
+            workdir,
+            lock,
+            stop,
+            progress,
+            folder,
+            loader,
+            changes,
+            dtype,
+        )
+    finally:
+        loader.close()
+
+
+def _pretrain_with_data(
+    config, model_config, norm, workdir, lock, stop, progress, folder, loader, changes, dtype
+) -> dict:
+    n_dev = jax.local_device_count()
+    host_batch = config.batch_size * n_dev
+    if jax.process_index() == 0:
+        write_settings(workdir, config)  # only now that the data opened
     # ---- model and optimizer
     global_batch = host_batch * jax.process_count()
     plan = plan_steps(config, loader.steps_per_epoch, global_batch)
@@ -710,13 +771,10 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
 
     # ---- restore
     ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
-    step = 0
-    resumed = ckpts.resume({"params": params, "fixed": fixed}, opt_state, loader)
-    if resumed is not None:
-        _, opt_state, meta = resumed
-        step = int(meta["step"])
-        if jax.process_index() == 0:
-            print(f"resuming from {workdir / 'checkpoints'} at step {step} (epoch {loader.epoch})")
+    stop.agree_through(ckpts.manager.reached_preemption)
+    _, opt_state, step = resume_run(
+        ckpts, {"params": params, "fixed": fixed}, opt_state, loader, config, changes
+    )
     full_opt_like = jax.tree.map(np.asarray, opt_state)
     if shards is None:
         device_opt = replicate(opt_state, n_dev)
@@ -737,7 +795,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
 
     # ---- observability (the first host writes logs and figures; every host writes checkpoints)
     is_main = jax.process_index() == 0
-    metrics_log = _MetricsLog(workdir, enabled=is_main)
+    metrics_log = MetricsLog(workdir, enabled=is_main, resumed_at=step or None)
     recon_imgs = (
         _recon_batch(folder, model_config, config.recon_images, norm)
         if config.recon_every and is_main
@@ -782,6 +840,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
             opt_host = unreplicate(state.opt_state)
         else:
             opt_host = shards.unshard(state.opt_state, full_opt_like)
+        lock.check()
         ckpts.save(
             state.step,
             {"params": unreplicate(state.params), "fixed": unreplicate(state.fixed)},
@@ -792,53 +851,50 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
 
     window: list[dict[str, float]] = []
     try:
-        with multihost.StopRequest(ckpts.manager.reached_preemption) as stop:
-            while state.step < total_steps:
-                before = state.step
-                with _steady_state():
-                    batch = next(batches)
-                    lr = lr_table[before // accum]
-                    state.params, state.opt_state, metrics = p_train_step(
-                        state.params,
-                        state.opt_state,
-                        state.fixed,
-                        batch.images,
-                        base_key,
-                        before,
-                        lr,
-                    )
-                    state.step += accum
-                    last = batch
-                    pending.append((before, batch.epoch, float(lr), metrics))
-                    bar.update(accum)
-                final = state.step >= total_steps
-                if _crossed(before, state.step, config.log_every) or final:
-                    window.extend(read_metrics())
-                    now = time.perf_counter()
-                    record = {
-                        "step": state.step,
-                        "epoch": batch.epoch,
-                        "loss": float(np.mean([r["loss"] for r in window])),
-                        "grad_norm": float(np.mean([r["grad_norm"] for r in window])),
-                        "lr": window[-1]["lr"],
-                        "images_per_s": len(window) * accum * global_batch / (now - t_window),
-                        "skipped_images": batch.skipped_images,
-                    }
-                    metrics_log.write(record)
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.4f}",
-                        lr=f"{record['lr']:.2e}",
-                        img_s=f"{record['images_per_s']:.1f}",
-                    )
-                    window, t_window = [], now
-                if recon_imgs is not None and _crossed(before, state.step, config.recon_every):
-                    write_figure()
-                if _save_or_stop(
-                    before, state.step, total_steps, config, ckpts, save, stop, summary
-                ):
-                    break
+        while state.step < total_steps:
+            before = state.step
+            with _steady_state():
+                batch = next(batches)
+                lr = lr_table[before // accum]
+                state.params, state.opt_state, metrics = p_train_step(
+                    state.params,
+                    state.opt_state,
+                    state.fixed,
+                    batch.images,
+                    base_key,
+                    before,
+                    lr,
+                )
+                state.step += accum
+                last = batch
+                pending.append((before, batch.epoch, float(lr), metrics))
+                bar.update(accum)
+            final = state.step >= total_steps
+            if _crossed(before, state.step, config.log_every) or final:
+                window.extend(read_metrics())
+                now = time.perf_counter()
+                record = {
+                    "step": state.step,
+                    "epoch": batch.epoch,
+                    "loss": float(np.mean([r["loss"] for r in window])),
+                    "grad_norm": float(np.mean([r["grad_norm"] for r in window])),
+                    "lr": window[-1]["lr"],
+                    "images_per_s": len(window) * accum * global_batch / (now - t_window),
+                    "skipped_images": batch.skipped_images,
+                }
+                metrics_log.write(record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    lr=f"{record['lr']:.2e}",
+                    img_s=f"{record['images_per_s']:.1f}",
+                )
+                window, t_window = [], now
+            if recon_imgs is not None and _crossed(before, state.step, config.recon_every):
+                write_figure()
+            if _save_or_stop(before, state.step, total_steps, config, ckpts, save, stop, summary):
+                break
     finally:
-        _close_run(ckpts, bar, metrics_log, loader)
+        _close_run(ckpts, bar, metrics_log)
     summary.update(end_step=state.step, total_steps=total_steps, skipped_images=last.skipped_images)
     if recon_imgs is not None and summary["interrupted"] is None:
         write_figure()
@@ -852,7 +908,8 @@ def check_finite(loss: float, grad_norm: float, step: int, epoch: int, ckpts: Ch
     what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
     last = ckpts.latest_step()
     kept = (
-        f"The last good checkpoint (step {last}) is intact."
+        f"The last good checkpoint (step {last}) is intact; to go on, resume from it or an "
+        "earlier one (--set restore_step=N) with a lower lr (--set blr=... or lr=...)."
         if last is not None
         else "No checkpoint was written yet."
     )
@@ -894,36 +951,7 @@ def plan_steps(config: Any, iters_per_epoch: int, global_batch: int) -> StepPlan
     return StepPlan(schedule, used_per_epoch, total_steps)
 
 
-class _MetricsLog:
-    """metrics.jsonl (one JSON object a line) and TensorBoard scalars under ``train/``."""
-
-    def __init__(self, workdir: Any, enabled: bool):
-        self.enabled = enabled
-        if enabled:
-            from mae_jax.tbwriter import SummaryWriter
-
-            self.file = AppendLog(run_path(workdir) / "metrics.jsonl")
-            self.tb = SummaryWriter(run_path(workdir) / "tensorboard")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()  # in a bucket: uploaded at most every 30 s, and at saves
-        for key, value in record.items():
-            if key not in ("step", "epoch"):
-                self.tb.scalar(f"train/{key}", value, record["step"])
-
-    def flush(self) -> None:
-        """Everything written so far made visible (uploaded, in a bucket): called at saves."""
-        if self.enabled:
-            self.file.flush(force=True)
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.tb.close()
+_MetricsLog = MetricsLog  # fine-tuning's name until it moves
 
 
 def make_workdir(workdir: Any) -> Any:
@@ -935,43 +963,15 @@ def make_workdir(workdir: Any) -> Any:
     return path
 
 
+def _model_dict(config: PretrainConfig) -> dict[str, Any]:
+    return config.model_config().to_dict()
+
+
 def _check_saved_config(workdir: Any, config: Any) -> None:
-    """Write config.json on the first run; a resumed run must have the same settings."""
-    path = workdir / "config.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        # Settings that only change logging or the run's length may differ on resume.
-        free = {
-            "max_steps",
-            "log_every",
-            "ckpt_every",
-            "recon_every",
-            "read_threads",
-            "worker_count",
-            "prefetch",
-            "remat",
-            "shard_optimizer",
-        }
-        now = json.loads(json.dumps(config.to_dict()))  # tuples as the saved lists
-        # model overrides are compared one by one, so the message names the field
-        for name in ("model",):
-            for key in sorted(set(saved.get(name) or {}) | set(now.get(name) or {})):
-                saved[f"{name}.{key}"] = (saved.get(name) or {}).get(key)
-                now[f"{name}.{key}"] = (now.get(name) or {}).get(key)
-            saved.pop(name, None)
-            now.pop(name, None)
-        diffs = [
-            f"{k}: {saved.get(k)!r} -> {v!r}"
-            for k, v in now.items()
-            if k not in free and saved.get(k) != v
-        ]
-        if diffs:
-            raise TrainingError(
-                f"{path}: this workdir holds a run with other settings ({'; '.join(diffs)}); "
-                "use another --workdir"
-            )
+    """Fine-tuning's settings compared with the saved run's, then written (to be replaced)."""
+    compare_with_saved(workdir, config, lambda c: dict(c.model, img_size=c.img_size))
     if jax.process_index() == 0:
-        atomic_write(path, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_settings(workdir, config)
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -19,6 +19,7 @@ from PIL import Image
 
 import mae_jax
 from mae_jax import masking, optim, train
+from mae_jax.run_settings import SettingsError
 
 TINY = "mae_vit_tiny_patch4"
 N_DEV = 8
@@ -165,7 +166,7 @@ def test_resume_gives_the_same_losses_bitwise(folder, tmp_path):
 
 def test_a_changed_setting_is_refused_on_resume(folder, tmp_path):
     train.pretrain(_cfg(folder, max_steps=2), tmp_path, progress=False)
-    with pytest.raises(train.TrainingError, match=r"other settings \(mask_ratio: 0.75 -> 0.5\)"):
+    with pytest.raises(SettingsError, match=r"other settings \(mask_ratio: 0.75 -> 0.5\)"):
         train.pretrain(_cfg(folder, max_steps=4, mask_ratio=0.5), tmp_path, progress=False)
 
 
