@@ -3,6 +3,12 @@
 Reading never executes anything from the file: `data.pkl` goes through an unpickler that admits
 only an allow-list of globals (tensors, typed storages, OrderedDict, argparse.Namespace), and each
 storage is read straight from its place in the archive into one preallocated NumPy buffer.
+Reading is bounded by the file, not by what it declares: a storage's record must be exactly the
+size its storage declares (refused before anything is read otherwise), a compressed record is
+inflated no further than that, and all records read together may take at most 16 times the
+file's size (torch.save stores records uncompressed, so a real file takes 1x). A tensor is refused
+when its view reaches outside its storage, or (``allow_overlap=False``) when its elements overlap;
+the error names where the tensor sits in the object (``['model']['pos_embed']``).
 Writing emits the pickle opcodes by hand, so the file names torch's globals without torch installed.
 Either path may be a bucket URL (``gs://...``): such a file is copied through a local temporary
 file (see ``_open_for_reading``, ``mae_jax._files.atomic_write``).
@@ -24,6 +30,7 @@ import sys
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from typing import Any, BinaryIO, NamedTuple
 
 import ml_dtypes
@@ -60,6 +67,11 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra-fiel
 _LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
 _MMAP_FROM = 1 << 20  # storages this large get their own anonymous mapping (see _new_buffer)
 _READ_CHUNK = 1 << 28  # bound one read() call; some platforms reject larger single reads
+_INFLATE_CHUNK = 1 << 24  # bound what one zlib call may produce
+# What the records read may take together: this many times the file's size, plus a little. A file
+# written by torch.save takes 1x (its records are stored); only compressed records can take more.
+_INFLATION = 16
+_INFLATION_SLACK = 1 << 24
 
 
 def _one_line(text: object) -> str:
@@ -89,12 +101,32 @@ class _Storage(NamedTuple):
     array: np.ndarray  # 1-D, C-contiguous, owned
 
 
-def read_pth(path: str | os.PathLike, *, progress: bool = False, digest: Any = None) -> Any:
+class _Refused:
+    """Stands in for a tensor (or its storage) the reader refuses. Loading goes on, so that
+    read_pth can name where the tensor sits in the object before it raises; no bytes are read
+    for it."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+
+def read_pth(
+    path: str | os.PathLike,
+    *,
+    progress: bool = False,
+    digest: Any = None,
+    allow_overlap: bool = True,
+) -> Any:
     """Object graph of a torch.save zip file, every tensor a NumPy array of its shape and dtype.
 
     ``digest``: a hashlib object (e.g. ``hashlib.sha256()``) to be fed the whole file, byte for
     byte in order, while it is read: each storage is hashed from the buffer it was read into, on
     another thread, so the file is not read twice. It is complete when read_pth returns.
+    ``allow_overlap=False``: refuse a tensor whose elements overlap in its storage (a zero stride,
+    as ``expand`` makes, or other aliasing strides). torch.load accepts them, but weights have
+    none, and such a tensor takes more memory, once copied, than the file holds.
     """
     path = str(path) if is_url(path) else os.fspath(path)
     try:
@@ -113,7 +145,7 @@ def read_pth(path: str | os.PathLike, *, progress: bool = False, digest: Any = N
             archive = _Archive(path, file, hasher)
             pickled = archive.read_member(archive.top + "/data.pkl", "data.pkl")
             with archive.progress_bar(progress) as bar:
-                unpickler = _SafeUnpickler(io.BytesIO(pickled), archive, bar)
+                unpickler = _SafeUnpickler(io.BytesIO(pickled), archive, bar, allow_overlap)
                 try:
                     obj = unpickler.load()
                     unpickler.finish()
@@ -121,6 +153,8 @@ def read_pth(path: str | os.PathLike, *, progress: bool = False, digest: Any = N
                     raise
                 except Exception as e:  # anything else raised while decoding untrusted bytes
                     raise _fail(path, f"malformed data.pkl ({type(e).__name__}: {e})") from None
+            if unpickler.refused:
+                raise _fail(path, _refusal(obj, unpickler.refused))
             if hasher is not None:
                 hasher.finish()
         finally:
@@ -233,6 +267,16 @@ class _Archive:
             self.zip = zipfile.ZipFile(file)
         except Exception as e:  # zipfile raises BadZipFile, struct.error, OSError... on bad bytes
             raise _fail(path, f"truncated or corrupt zip archive ({e})") from None
+        for info in self.zip.infolist():
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                # zipfile would inflate these without bound; torch reads neither
+                raise _fail(
+                    path,
+                    f"record {info.filename[:200]!r} is compressed with zip method "
+                    f"{info.compress_type}: only stored or deflated records can be read",
+                )
+        self._allowance = _INFLATION * self.file_size + _INFLATION_SLACK
+        self._taken = 0  # bytes read out of the archive so far
         pickles = [n for n in self.zip.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
         if not pickles:
             raise _fail(
@@ -266,41 +310,104 @@ class _Archive:
         )
 
     def read_member(self, name: str, what: str) -> bytes:
-        """Small record through zipfile, which checks its CRC."""
+        """Small record through zipfile, which checks its CRC and inflates no more than the
+        record's size."""
         try:
-            return self.zip.read(name)
+            info = self.zip.getinfo(name)
         except KeyError:
             raise _fail(self.path, f"{what} missing from the zip archive") from None
+        self._take(info.file_size, what)
+        try:
+            return self.zip.read(info)
         except Exception as e:
             raise _fail(self.path, f"cannot read {what}: {e}") from None
 
-    def read_storage(self, key: str) -> np.ndarray:
-        """Bytes of `<top>/data/<key>` as a new uint8 array: one read into one buffer, CRC checked."""
+    def read_storage(self, key: str, nbytes: int, declared: str) -> np.ndarray:
+        """Bytes of `<top>/data/<key>` as a new uint8 array of ``nbytes``, what its storage
+        (``declared``) needs: a record of another size is refused before anything is read, a
+        compressed one is inflated no further. One read into one buffer, CRC checked."""
         name = f"{self.top}/data/{key}"
         what = f"storage {name!r}"
         try:
             info = self.zip.getinfo(name)
         except KeyError:
             raise _fail(self.path, f"{what} missing from the zip archive") from None
-        if info.compress_type != zipfile.ZIP_STORED:  # torch never compresses; accept a re-zip
-            return np.frombuffer(bytearray(self.read_member(name, what)), np.uint8)
+        if info.file_size != nbytes:
+            raise _fail(
+                self.path,
+                f"{what} holds {info.file_size} bytes, {declared} needs {nbytes} "
+                "(the sizes must agree)",
+            )
+        self._take(nbytes, what)
+        stored = info.compress_type == zipfile.ZIP_STORED
         start = self._data_offset(info, what)
-        if start + info.file_size > self.file_size:
+        if start + (nbytes if stored else info.compress_size) > self.file_size:
             raise _fail(self.path, f"{what} runs past the end of the file (truncated file?)")
-        buffer = _new_buffer(info.file_size)
+        buffer = _new_buffer(nbytes)
         self.file.seek(start)
-        view = memoryview(buffer)
-        done = 0
-        while done < info.file_size:
-            got = self.file.readinto(view[done : done + _READ_CHUNK])
-            if not got:
-                raise _fail(self.path, f"{what} ends early (truncated file?)")
-            done += got
+        if stored:
+            view = memoryview(buffer)
+            done = 0
+            while done < nbytes:
+                got = self.file.readinto(view[done : done + _READ_CHUNK])
+                if not got:
+                    raise _fail(self.path, f"{what} ends early (truncated file?)")
+                done += got
+        else:  # torch never compresses; a re-zipped file may be deflated
+            self._inflate(info.compress_size, buffer, what)
         if zlib.crc32(buffer) != info.CRC:
             raise _fail(self.path, f"{what} fails its CRC check: the file is corrupt")
-        if self.hasher is not None:  # its bytes change next if they are to be byte-swapped
+        if self.hasher is not None and stored:  # its bytes change next if byte-swapped
             self.hasher.add(start, buffer, wait=self.byteorder != sys.byteorder)
         return buffer
+
+    def _inflate(self, compressed: int, buffer: np.ndarray, what: str) -> None:
+        """Fill ``buffer`` from the deflate stream of ``compressed`` bytes at the file's position;
+        a stream that would give even one byte more, or fewer, is refused."""
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        pending = b""
+        done = 0
+        while not inflater.eof:
+            if not pending:
+                if compressed == 0:
+                    break
+                pending = self.file.read(min(_INFLATE_CHUNK, compressed))
+                if not pending:
+                    raise _fail(self.path, f"{what} ends early (truncated file?)")
+                compressed -= len(pending)
+            try:  # at most one byte past the buffer: enough to see the stream is too long
+                out = inflater.decompress(pending, min(_INFLATE_CHUNK, buffer.nbytes - done + 1))
+            except zlib.error as e:
+                raise _fail(self.path, f"{what} is not a valid deflate stream ({e})") from None
+            pending = inflater.unconsumed_tail
+            if done + len(out) > buffer.nbytes:
+                raise _fail(
+                    self.path,
+                    f"{what} inflates to more than the {buffer.nbytes} bytes its header and its "
+                    "storage declare: refused",
+                )
+            buffer[done : done + len(out)] = np.frombuffer(out, np.uint8)
+            done += len(out)
+        if done < buffer.nbytes:
+            raise _fail(
+                self.path,
+                f"{what} inflates to {done} bytes, fewer than the {buffer.nbytes} its header "
+                "declares (truncated or corrupt file?)",
+            )
+        if not inflater.eof:
+            raise _fail(self.path, f"{what}: its deflate stream has no end (corrupt file?)")
+
+    def _take(self, nbytes: int, what: str) -> None:
+        """Count ``nbytes`` more read out of the archive: refused past what the file allows."""
+        self._taken += nbytes
+        if self._taken > self._allowance:
+            raise _fail(
+                self.path,
+                f"{what} inflates to {nbytes} bytes, which brings what is read out of the archive "
+                f"to {self._taken} bytes, more than the {self._allowance} a file of "
+                f"{self.file_size} bytes may give ({_INFLATION}x, plus 16 MiB): refused as a "
+                "zip bomb (torch.save stores its records uncompressed)",
+            )
 
     def _data_offset(self, info: zipfile.ZipInfo, what: str) -> int:
         # The local header's extra field (torch's alignment padding) may differ from the central one.
@@ -342,11 +449,14 @@ def _not_a_zip_reason(head: bytes) -> str:
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals a weights file needs; all others are refused."""
 
-    def __init__(self, file: BinaryIO, archive: _Archive, bar: Any):
+    def __init__(self, file: BinaryIO, archive: _Archive, bar: Any, allow_overlap: bool = True):
         super().__init__(file)
         self._archive = archive
         self._bar = bar
-        self._buffers: dict[str, np.ndarray] = {}
+        self._allow_overlap = allow_overlap
+        self._storages: dict[str, _Storage | _Refused] = {}
+        self._declared: dict[str, tuple[str, int]] = {}  # key -> (storage class, element count)
+        self.refused: list[_Refused] = []  # in the order met; read_pth names them, then raises
         self._namespaces: list[argparse.Namespace] = []
         # A fresh subclass per load: a crafted BUILD may set attributes on the class it is given,
         # and must not reach the real argparse.Namespace of this process.
@@ -390,22 +500,36 @@ class _SafeUnpickler(pickle.Unpickler):
         ):
             raise _fail(self._archive.path, f"unsupported persistent id in data.pkl: {pid!r:.200}")
         _, storage_type, key, _location, numel = pid
-        buffer = self._buffers.get(key)
-        if buffer is None:
-            buffer = self._archive.read_storage(key)
+        declared = (storage_type.name, numel)
+        first = self._declared.setdefault(key, declared)
+        if first != declared:
+            return self._refuse(
+                f"storage {self._archive.top + '/data/' + key!r} is declared as a {first[0]} of "
+                f"{first[1]} elements and as a {declared[0]} of {declared[1]}"
+            )
+        storage = self._storages.get(key)
+        if storage is None:
+            try:
+                buffer = self._archive.read_storage(
+                    key,
+                    numel * storage_type.dtype.itemsize,
+                    f"its {storage_type.name} of {numel} elements",
+                )
+            except PthError as e:  # named with the tensor it belongs to (see read_pth)
+                problem = str(e).removeprefix(f"{self._archive.path}: ")
+                storage = self._storages[key] = self._refuse(problem)
+                return storage
             if self._archive.byteorder != sys.byteorder:
                 buffer = _swap_bytes(buffer, storage_type.dtype)
-            self._buffers[key] = buffer
+            storage = self._storages[key] = _Storage(key, buffer.view(storage_type.dtype))
             if self._bar is not None:
                 self._bar.update(buffer.nbytes)
-        needed = numel * storage_type.dtype.itemsize
-        if buffer.nbytes < needed:
-            raise _fail(
-                self._archive.path,
-                f"storage {self._archive.top + '/data/' + key!r} holds {buffer.nbytes} bytes, its "
-                f"{storage_type.name} of {numel} elements needs {needed}",
-            )
-        return _Storage(key, buffer[:needed].view(storage_type.dtype))
+        return storage
+
+    def _refuse(self, problem: str) -> _Refused:
+        refused = _Refused(problem)
+        self.refused.append(refused)
+        return refused
 
     def _rebuild_tensor(
         self,
@@ -418,6 +542,8 @@ class _SafeUnpickler(pickle.Unpickler):
         *_metadata: Any,
     ) -> np.ndarray:
         """`torch._utils._rebuild_tensor_v2`: a (possibly strided) view of the storage's array."""
+        if type(storage) is _Refused:
+            return storage
         if not (
             type(storage) is _Storage
             and _is_index(offset)
@@ -431,7 +557,14 @@ class _SafeUnpickler(pickle.Unpickler):
             return np.empty(size, array.dtype)
         last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         if last >= array.size:
-            raise self._bad_tensor(storage, offset, size, stride, "reaches past its storage")
+            where = self._layout(storage, offset, size, stride)
+            return self._refuse(f"reaches past its storage ({where})")
+        if not self._allow_overlap and _overlaps(size, stride, array.size - offset):
+            where = self._layout(storage, offset, size, stride)
+            return self._refuse(
+                f"has elements that overlap in its storage ({where}), as expand makes; weights "
+                "never do"
+            )
         if offset == 0 and array.size == _count(size) and tuple(stride) == _contiguous(size):
             return array.reshape(size)
         itemsize = array.dtype.itemsize
@@ -441,9 +574,18 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def _rebuild_parameter(self, data: Any, requires_grad: Any = False, *_hooks: Any) -> np.ndarray:
         """`torch._utils._rebuild_parameter`: an nn.Parameter is just its tensor here."""
+        if type(data) is _Refused:
+            return data
         if not isinstance(data, np.ndarray):
             raise _fail(self._archive.path, "malformed data.pkl: a parameter that is not a tensor")
         return data
+
+    def _layout(self, storage: _Storage, offset: int, size: tuple, stride: tuple) -> str:
+        name = f"{self._archive.top}/data/{storage.key}"
+        return (
+            f"storage {name!r} of {storage.array.size} elements, offset {offset}, "
+            f"size {_short(size)}, stride {_short(stride)}"
+        )
 
     def _bad_tensor(self, storage: Any, offset: Any, size: Any, stride: Any, why: str) -> PthError:
         key = storage.key if type(storage) is _Storage else "?"
@@ -457,6 +599,64 @@ class _SafeUnpickler(pickle.Unpickler):
         """Turn this load's Namespace stand-ins into real argparse.Namespace objects."""
         for namespace in self._namespaces:
             namespace.__class__ = argparse.Namespace
+
+
+def _refusal(obj: Any, refused: list[_Refused]) -> str:
+    """The first refused tensor, named by where it sits in ``obj`` (``['model']['w']``)."""
+    first = refused[0]
+    where = _locate(obj, first)
+    named = f"tensor {where}" if where is not None else "a tensor in data.pkl"
+    more = len({id(r) for r in refused}) - 1
+    return f"{named}: {first.problem}" + (f" (and {more} more tensors refused)" if more else "")
+
+
+def _locate(obj: Any, target: object) -> str | None:
+    """Where ``target`` sits in the loaded object (containers, Namespaces, attributes), as a
+    subscript path; None when it is not reachable (a crafted pickle may drop it)."""
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    seen: set[int] = set()
+    while stack:
+        item, where = stack.pop()
+        if item is target:
+            return where or "(the whole object)"
+        if id(item) in seen or isinstance(item, (np.ndarray, str, bytes, int, float)):
+            continue
+        seen.add(id(item))
+        children: list[tuple[Any, str]] = []
+        if isinstance(item, dict):
+            for key, value in item.items():
+                name = _short(key)
+                children += [(key, f"{where}[{name}] (the key)"), (value, f"{where}[{name}]")]
+        elif isinstance(item, (list, tuple)):
+            children += [(value, f"{where}[{i}]") for i, value in enumerate(item)]
+        if hasattr(item, "__dict__"):  # a Namespace's fields, an OrderedDict's _metadata
+            children += [(value, f"{where}.{name}") for name, value in vars(item).items()]
+        stack.extend(reversed(children))
+    return None
+
+
+def _short(value: Any) -> str:
+    text = _one_line(repr(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _overlaps(size: tuple[int, ...], stride: tuple[int, ...], room: int) -> bool:
+    """Whether two elements of a view (sizes, strides in elements; every index in bounds) share a
+    place in a storage with ``room`` elements from the view's offset."""
+    reach = 0  # the largest offset the dimensions taken so far reach
+    for step, n in sorted((s, n) for n, s in zip(size, stride, strict=True) if n > 1):
+        if step <= reach:
+            break
+        reach += step * (n - 1)
+    else:
+        return False  # nested like the dimensions of a (sliced, permuted) contiguous array
+    if _count(size) > room:
+        return True
+    # Interleaved strides (as_strided can make them) may still be distinct: count the places.
+    places = np.zeros((), np.int64)
+    for n, s in zip(size, stride, strict=True):
+        places = np.add.outer(places, np.arange(n, dtype=np.int64) * s)
+    return np.unique(places).size < places.size
 
 
 def _is_index(value: Any) -> bool:
@@ -498,12 +698,20 @@ def _swap_bytes(buffer: np.ndarray, dtype: np.dtype) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def write_pth(obj: Any, path: str | os.PathLike, *, progress: bool = False) -> None:
+def write_pth(
+    obj: Any,
+    path: str | os.PathLike,
+    *,
+    progress: bool = False,
+    check_interrupt: Callable[[], None] | None = None,
+) -> None:
     """Write obj (nested dict/list/tuple/str/int/float/bool/None, array leaves) as torch.save would.
 
     Arrays become tensors of the same shape and dtype (bool, uint8, int8/16/32/64, float16/32/64,
     bfloat16, complex64/128); each array object gets its own storage. argparse.Namespace is kept,
     an OrderedDict stays an OrderedDict. The file is written to a temporary name, then renamed.
+    ``check_interrupt`` is called before each storage and once all are written, before the
+    rename: what it raises abandons the write and removes the temporary file.
     """
     path = str(path) if is_url(path) else os.fspath(path)
     encoder = _PickleEncoder(path)
@@ -512,7 +720,7 @@ def write_pth(obj: Any, path: str | os.PathLike, *, progress: bool = False) -> N
     filename = run_path(path).name
 
     def write(file: BinaryIO) -> None:
-        _write_archive(file, top, pickled, encoder.arrays, progress, filename)
+        _write_archive(file, top, pickled, encoder.arrays, progress, filename, check_interrupt)
 
     try:
         with naming(path):  # a bucket object is written from a local temporary file
@@ -537,6 +745,7 @@ def _write_archive(
     arrays: list[np.ndarray],
     progress: bool,
     label: str,
+    check_interrupt: Callable[[], None] | None = None,
 ) -> None:
     bar = None
     if progress:
@@ -551,6 +760,8 @@ def _write_archive(
             _write_record(archive, file, f"{top}/.storage_alignment", str(_ALIGNMENT).encode())
             _write_record(archive, file, f"{top}/byteorder", sys.byteorder.encode())
             for key, array in enumerate(arrays):
+                if check_interrupt is not None:
+                    check_interrupt()
                 contiguous = np.ascontiguousarray(array)
                 if not contiguous.dtype.isnative:
                     contiguous = contiguous.astype(contiguous.dtype.newbyteorder("="))
@@ -561,6 +772,8 @@ def _write_archive(
             _write_record(archive, file, f"{top}/version", b"3\n")
             serialization_id = f"{secrets.randbits(128):040d}".encode()
             _write_record(archive, file, f"{top}/.data/serialization_id", serialization_id)
+        if check_interrupt is not None:
+            check_interrupt()
     finally:
         if bar is not None:
             bar.close()
