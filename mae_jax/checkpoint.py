@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -141,10 +142,22 @@ def _remove_dir(path: epath.Path) -> None:
 
 
 def save_model(
-    model: nnx.Module, path: str | os.PathLike, *, metadata: dict | None = None, force: bool = False
+    model: nnx.Module,
+    path: str | os.PathLike,
+    *,
+    metadata: dict | None = None,
+    force: bool = False,
+    check_interrupt: Callable[[], None] | None = None,
 ) -> epath.Path:
     """Write ``model`` to the checkpoint directory ``path`` (local or a bucket URL) atomically;
-    returns the path."""
+    returns the path.
+
+    ``check_interrupt`` is called once the parameters are written, before the checkpoint is
+    committed (renamed into place; in a bucket, given its mae_jax.json): what it raises abandons
+    the checkpoint, and the temporary directory is removed with no Orbax thread still writing
+    into it. An exception raised while Orbax writes (a KeyboardInterrupt) cannot promise that:
+    hold signals during the write and raise them here instead (convert/pth_to_orbax.py does).
+    """
     path = _checkpoint_path(path)
     meta = {
         "format": FORMAT,
@@ -172,6 +185,8 @@ def save_model(
             )
             with ocp.Checkpointer(handler, multiprocessing_options=alone) as ckptr:
                 ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(state))
+            if check_interrupt is not None:
+                check_interrupt()
             atomic_write(tmp / METADATA_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
             if tmp != path:
                 replace_dir(tmp, path)
