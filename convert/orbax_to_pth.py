@@ -5,6 +5,9 @@
 The official ``models_mae`` model (or, for a classifier, ``models_vit``) loads the result with
 ``strict=True``; a file converted with pth_to_orbax.py comes back with bit-identical tensors in the
 same key order. torch is not needed. Either path may be a bucket URL (``gs://...``).
+Weights with NaN or inf values are written with a warning that names them; ``--strict`` refuses
+them. SIGINT or SIGTERM while the file is written leave it as it was (absent, or the previous
+file) and no temporary file (exit status 128 + the signal's number).
 """
 
 from __future__ import annotations
@@ -19,16 +22,23 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from convert import mapping
 from convert.pth_io import PthError, write_pth
+from convert.pth_to_orbax import ConversionError, HeldSignals, check_finite, run_script
 from mae_jax._files import naming, run_path
 from mae_jax._memory import return_large_blocks_to_the_system
 from mae_jax.checkpoint import CheckpointError, load_state
 
 
 def export_pth(
-    checkpoint: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False
+    checkpoint: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    force: bool = False,
+    strict: bool = False,
 ) -> os.PathLike:
     """Write the checkpoint's weights to ``dst`` as {'model': official state_dict}; either may be
-    a bucket URL."""
+    a bucket URL. Weights with NaN or inf values are a NonFiniteWarning, with ``strict`` a
+    ConversionError; SIGINT or SIGTERM while ``dst`` is written raise ``Interrupted`` once the
+    temporary file is removed."""
     dst = run_path(dst)
     return_large_blocks_to_the_system()
     with naming(dst):
@@ -37,7 +47,9 @@ def export_pth(
     # One tensor at a time, each array dropped once converted, a kernel transposed into the memory
     # of one already converted: the model is never held twice, and little new memory is touched.
     state_dict = mapping.official_from_state_consuming(mapping.flatten_tree(load_state(checkpoint)))
-    write_pth({"model": state_dict}, dst)
+    check_finite(state_dict, checkpoint, strict=strict, done="written as they are")
+    with HeldSignals(dst) as held:
+        write_pth({"model": state_dict}, dst, check_interrupt=held.check)
     return dst
 
 
@@ -49,12 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="mae-jax checkpoint directory")
     p.add_argument("dst", help="the .pth file to write")
     p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse weights with NaN or inf values (by default: written, with a warning)",
+    )
     args = p.parse_args(argv)
-    try:
-        dst = export_pth(args.checkpoint, args.dst, force=args.force)
-    except (CheckpointError, PthError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    code, dst = run_script(
+        lambda: export_pth(args.checkpoint, args.dst, force=args.force, strict=args.strict),
+        args.dst,
+        (CheckpointError, ConversionError, PthError, OSError),
+    )
+    if code:
+        return code
     print(f"wrote {dst}")
     return 0
 

@@ -11,24 +11,34 @@ Every size is read from the tensor shapes; the head counts, which shapes cannot 
 ``--set num_heads=N --set decoder_num_heads=N``, or, when the sizes equal a preset's, from that
 preset (the summary and the metadata then say "head counts assumed from <preset>").
 ``--arch`` names the preset the file should be: its head counts, its sizes checked.
-The file is read without unpickling arbitrary objects and without torch. The output directory is
-written under a temporary name and renamed when complete. Either path may be a bucket URL
-(``gs://bucket/mae_vit_large.pth``, ``gs://bucket/ckpt/mae_vit_large``).
+The file is read without unpickling arbitrary objects and without torch, and in memory bounded by
+the file (see convert/pth_io.py): records larger than their storages, tensors whose elements
+overlap (zero strides) or reach outside their storage are refused. Weights with NaN or inf values
+are converted with a warning that names them; ``--strict`` refuses them. The output directory is
+written under a temporary name and renamed when complete; SIGINT or SIGTERM while it is written
+leave the output as it was (absent, or the previous one) and no temporary directory (exit status
+128 + the signal's number). Either path may be a bucket URL (``gs://bucket/mae_vit_large.pth``,
+``gs://bucket/ckpt/mae_vit_large``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
+import signal
 import sys
-from collections.abc import Mapping
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import ml_dtypes
 import numpy as np
 
 from convert import mapping
@@ -44,6 +54,131 @@ CONVERTER_VERSION = "1"
 
 class ConversionError(Exception):
     """A source file that cannot be converted; the message names the file and the reason."""
+
+
+class NonFiniteWarning(UserWarning):
+    """Weights with NaN or inf values, converted as they are (refused with ``strict``)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a conversion while it wrote its output; ``signum`` says which."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class HeldSignals:
+    """SIGINT and SIGTERM held while an output is written, raised as ``Interrupted`` where the
+    writer can stop cleanly.
+
+    The first signal is only noted; ``check()``, which the writer calls where stopping is safe
+    (last before it commits the output), raises it, and the writer removes its temporary files
+    with none of its threads still writing (Orbax writes from threads of its own: a directory
+    removed under them comes back). A second signal raises at once. Signals that another handler
+    or SIG_IGN already owns are left alone, as is everything off the main thread.
+    """
+
+    def __init__(self, out: object):
+        self._out = out
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> HeldSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+                    self._previous[sig] = signal.signal(sig, self._hold)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _hold(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+            return
+        name = signal.Signals(signum).name
+        raise Interrupted(
+            f"{self._out}: interrupted twice ({name}): stopped without waiting for the write; "
+            f"a temporary .{run_path(self._out).name}.tmp-* beside it may remain",
+            signum,
+        )
+
+    def check(self) -> None:
+        if self.signum is not None:
+            name = signal.Signals(self.signum).name
+            raise Interrupted(f"{self._out}: interrupted by {name}; nothing written", self.signum)
+
+
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def non_finite_counts(tensors: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """{key: number of NaN and inf values} of the floating-point tensors that hold any."""
+    counts = {}
+    for key, value in tensors.items():
+        if value.dtype.kind in "fc" or value.dtype == _BFLOAT16:  # every float dtype pth_io reads
+            finite = np.isfinite(value)
+            bad = finite.size - int(np.count_nonzero(finite))
+            if bad:
+                counts[key] = bad
+    return counts
+
+
+def check_finite(
+    tensors: Mapping[str, np.ndarray], where: object, *, strict: bool, done: str
+) -> dict[str, int]:
+    """``non_finite_counts(tensors)``; any found is a NonFiniteWarning naming them, or with
+    ``strict`` a ConversionError. ``done``: what happens to them without ``strict``."""
+    counts = non_finite_counts(tensors)
+    if not counts:
+        return counts
+    shown = [f"{k} ({n} of {tensors[k].size})" for k, n in list(counts.items())[:4]]
+    if len(counts) > 4:
+        shown.append(f"and {len(counts) - 4} more")
+    text = f"{where}: {len(counts)} tensor(s) hold NaN or inf values: {', '.join(shown)}"
+    if strict:
+        raise ConversionError(f"{text}; refused (--strict), nothing written")
+    warnings.warn(f"{text}; {done}", NonFiniteWarning, stacklevel=3)
+    return counts
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """NonFiniteWarning printed to stderr as one line, "warning: <message>" (for the scripts)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", NonFiniteWarning)
+        show = warnings.showwarning
+
+        def one_line(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, NonFiniteWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = one_line
+        yield
+
+
+def run_script(
+    work: Callable[[], Any], out: object, errors: tuple[type[BaseException], ...]
+) -> tuple[int, Any]:
+    """``work()`` for a script's main(): (0, its result); or, after one line on stderr, (2, None)
+    for one of ``errors`` and (128 + the signal's number, None) for an interruption."""
+    try:
+        with warnings_as_lines():
+            return 0, work()
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2, None
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + e.signum, None
+    except KeyboardInterrupt:  # Ctrl-C before the output was begun
+        print(f"error: {out}: interrupted; nothing written", file=sys.stderr)
+        return 128 + signal.SIGINT, None
 
 
 def extract_state_dict(obj: object, src: os.PathLike) -> dict[str, np.ndarray]:
@@ -93,11 +228,15 @@ def convert_pth(
     force: bool = False,
     progress: bool = False,
     settings: Mapping[str, Any] | list[str] | None = None,
+    strict: bool = False,
 ) -> tuple[os.PathLike, dict]:
     """Convert ``src`` into the checkpoint directory ``out``; returns (path, metadata).
 
     ``settings``: config fields the shapes cannot tell (``num_heads``, ``decoder_num_heads``), as
     a dict or as ``KEY=VALUE`` strings; fields the shapes do tell are checked against them.
+    Weights with NaN or inf values are a NonFiniteWarning, with ``strict`` a ConversionError.
+    SIGINT or SIGTERM while the output is written raise ``Interrupted`` once the temporary
+    directory is removed (see HeldSignals).
     """
     src, out = run_path(src), run_path(out)
     return_large_blocks_to_the_system()
@@ -105,7 +244,10 @@ def convert_pth(
         if out.exists() and not force:
             raise ConversionError(f"{out}: already exists (pass --force to replace it)")
     digest = hashlib.sha256()  # of the file, computed while it is read
-    sd = extract_state_dict(read_pth(src, progress=progress, digest=digest), src)
+    obj = read_pth(src, progress=progress, digest=digest, allow_overlap=False)
+    sd = extract_state_dict(obj, src)
+    del obj
+    non_finite = check_finite(sd, src, strict=strict, done="converted as they are")
     try:
         family = mapping.detect_family(sd)
         ignore: tuple[str, ...] = ()
@@ -192,8 +334,11 @@ def convert_pth(
         "filled_by_default": report.filled_by_default,
         "pos_embed_max_abs_diff_from_sincos": gaps["pos_embed"],
         "decoder_pos_embed_max_abs_diff_from_sincos": gaps["decoder_pos_embed"],
+        "non_finite_values": non_finite,
     }
-    return save_model(model, out, metadata=metadata, force=force), metadata
+    with HeldSignals(out) as held:
+        saved = save_model(model, out, metadata=metadata, force=force, check_interrupt=held.check)
+    return saved, metadata
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -239,6 +384,11 @@ def _parser() -> argparse.ArgumentParser:
         "decoder_num_heads=4 (repeatable; fields the shapes tell are checked)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse weights with NaN or inf values (by default: converted, with a warning)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -251,8 +401,8 @@ def _head_flags(family: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        out, meta = convert_pth(
+    code, result = run_script(
+        lambda: convert_pth(
             args.src,
             args.out,
             arch=args.arch,
@@ -261,10 +411,14 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             progress=not args.quiet,
             settings=args.settings,
-        )
-    except (ConversionError, PthError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            strict=args.strict,
+        ),
+        args.out,
+        (ConversionError, PthError, CheckpointError, OSError),
+    )
+    if code:
+        return code
+    out, meta = result
     kind = mapping.FAMILY_HELP[meta["family"]]
     saved = read_metadata(out)
     if saved["model_type"] == "vit_classifier":
