@@ -72,6 +72,41 @@ def _block_forward(block: Block, x: jax.Array, rate: float, key: jax.Array | Non
     return x + drop_path(block.mlp(block.norm2(x)), rate, k_mlp)
 
 
+# --------------------------------------------------------------------------- the probe's BatchNorm
+
+
+class BatchNorm1d(nnx.Module):
+    """BatchNorm over the batch axis without affine parameters, computed as torch's
+    ``BatchNorm1d(d, affine=False)``: a training batch is normalised with its biased variance,
+    and the running variance takes the unbiased one (squared deviations over n - 1, n the
+    samples of the batch), which is what the official probe's checkpoints hold. ``nnx.BatchNorm``
+    keeps the biased one. ``momentum`` is torch's: the weight of the new batch."""
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-5, momentum: float = 0.1):
+        self.mean = nnx.BatchStat(jnp.zeros(num_features, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(num_features, jnp.float32))
+        self.epsilon = epsilon
+        self.momentum = momentum
+
+    def __call__(self, x_NxD: jax.Array, *, use_running_average: bool) -> jax.Array:
+        """x [N, D] -> (x - mean) / sqrt(var + eps) [N, D] float32: the running statistics, or
+        the batch's (then the running ones advance)."""
+        x = x_NxD.astype(jnp.float32)
+        if use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            n = x.shape[0]
+            if n < 2:
+                raise ValueError(f"BatchNorm in training needs more than 1 sample, got {n}")
+            mean = x.mean(axis=0)
+            squares = jnp.square(x - mean).sum(axis=0)
+            var = squares / n
+            m = self.momentum
+            self.mean[...] = (1.0 - m) * self.mean[...] + m * mean
+            self.var[...] = (1.0 - m) * self.var[...] + m * (squares / (n - 1))
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+
+
 # --------------------------------------------------------------------------- the model
 
 

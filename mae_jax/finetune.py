@@ -30,6 +30,7 @@ from flax import nnx
 
 from mae_jax import augment, masking, multihost, optim
 from mae_jax.classifier import (
+    BatchNorm1d,
     VisionTransformer,
     evaluate,
     init_classifier_from_classifier,
@@ -43,6 +44,7 @@ from mae_jax.train import (
     TrainingError,
     _check_saved_config,
     _close_run,
+    _crossed,
     _MetricsLog,
     _progress,
     _save_or_stop,
@@ -161,11 +163,8 @@ class LinearProbe(nnx.Module):
 
     def __init__(self, vit: VisionTransformer, *, rngs: nnx.Rngs):
         self.vit = vit
-        d = vit.config.embed_dim
-        # momentum 0.9 here is torch's 0.1; eps 1e-6 as the official probe.
-        self.bn = nnx.BatchNorm(
-            d, use_bias=False, use_scale=False, epsilon=1e-6, momentum=0.9, rngs=rngs
-        )
+        # torch's BatchNorm1d with the official probe's eps; momentum 0.1 is torch's default.
+        self.bn = BatchNorm1d(vit.config.embed_dim, epsilon=1e-6, momentum=0.1)
         self.config = vit.config
 
     def __call__(self, imgs, *, train: bool = False, key=None):
@@ -201,36 +200,63 @@ def classify_step(
     opt_state: optax.OptState,
     stats: nnx.State,
     frozen: nnx.State,
-    imgs_NxHxWxC: jax.Array,
-    targets_NxC: jax.Array,
+    imgs_AxNxHxWxC: jax.Array,
+    targets_AxNxC: jax.Array,
     key: jax.Array,
     step: jax.Array,
     *,
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
 ) -> tuple[nnx.State, optax.OptState, nnx.State, dict[str, jax.Array]]:
-    """One micro-step on one device: soft-target cross-entropy, gradients and batch statistics
-    averaged over the devices, then the optimizer update."""
-    device_key = masking.step_device_key(key, step, AXIS)
+    """One optimizer step on one device, over ``A`` micro-batches [A, N, H, W, C] (``accum_iter``
+    of them, or the rest of a group that a checkpoint of an older version was saved inside).
 
-    def loss_fn(p, s, f):
-        model = nnx.merge(graphdef, p, s, f, copy=True)  # fresh variables at this trace level
-        logits = model(imgs_NxHxWxC, train=True, key=device_key)
-        return augment.soft_target_cross_entropy(logits, targets_NxC), nnx.state(
-            model, nnx.BatchStat
-        )
+    Soft-target cross-entropy; the gradients summed over the micro-batches on the device, then
+    averaged over them and the devices, and one update of ``tx`` (``optim.one_update_per_step``
+    when A > 1). Micro-batch i draws its drop-path keys for micro-step ``step + i``. BatchNorm
+    statistics (the probe's) advance at every micro-batch and are averaged over the devices.
+    """
 
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, frozen)
+    def micro(stats, imgs, targets, i):
+        device_key = masking.step_device_key(key, step + i, AXIS)
+
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p, stats, frozen, copy=True)  # fresh at this trace level
+            logits = model(imgs, train=True, key=device_key)
+            loss = augment.soft_target_cross_entropy(logits, targets)
+            return loss, nnx.state(model, nnx.BatchStat)
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, grads, jax.lax.pmean(new_stats, AXIS)
+
+    accum = imgs_AxNxHxWxC.shape[0]
+    if accum == 1:
+        loss, grads, stats = micro(stats, imgs_AxNxHxWxC[0], targets_AxNxC[0], 0)
+    else:
+
+        def body(carry, xs):
+            loss_sum, grads_sum, stats = carry
+            loss, grads, stats = micro(stats, *xs)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads), stats), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params), stats)
+        xs = (imgs_AxNxHxWxC, targets_AxNxC, jnp.arange(accum))
+        (loss, grads, stats), _ = jax.lax.scan(body, zeros, xs)
+        loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
     grads = jax.lax.pmean(grads, AXIS)
-    new_stats = jax.lax.pmean(new_stats, AXIS)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": jax.lax.pmean(loss, AXIS), "grad_norm": optax.tree.norm(grads)}
-    return params, opt_state, new_stats, metrics
+    return params, opt_state, stats, metrics
 
 
 def make_p_classify_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
-    """``classify_step`` over every local device: the only ``jax.pmap`` of fine-tuning."""
+    """``classify_step`` over every local device: the only ``jax.pmap`` of fine-tuning.
+
+    Arguments: params, optimizer state, batch statistics and frozen weights replicated (leading
+    device axis); images [devices, A, N, H, W, C] and targets [devices, A, N, classes]; then the
+    base key and the first micro-step, shared by all devices.
+    """
     return jax.pmap(
         functools.partial(classify_step, graphdef=graphdef, tx=tx),
         axis_name=AXIS,
@@ -289,18 +315,19 @@ def build_model(config: FinetuneConfig, num_classes: int, dtype) -> nnx.Module:
 
 
 def _make_optimizer(config: FinetuneConfig, params, schedule, depth: int):
+    """The run's optimizer, for a step that averages its ``accum_iter`` micro-batches'
+    gradients and updates once; ``schedule`` is evaluated per update."""
     if config.mode == "linprobe":
-        return optim.accumulate(
-            optim.lars(schedule, weight_decay=config.weight_decay), config.accum_iter
+        tx = optim.lars(schedule, weight_decay=config.weight_decay)
+    else:
+        tx = optim.make_finetune_optimizer(
+            schedule,
+            layer_decay=config.layer_decay,
+            depth=depth,
+            weight_decay=config.weight_decay,
+            params=params,
         )
-    return optim.make_finetune_optimizer(
-        schedule,
-        layer_decay=config.layer_decay,
-        depth=depth,
-        weight_decay=config.weight_decay,
-        accum_steps=config.accum_iter,
-        params=params,
-    )
+    return optim.one_update_per_step(tx, config.accum_iter)
 
 
 def _transform(config: FinetuneConfig, norm: Normalization):
@@ -330,6 +357,25 @@ def _targets(config: FinetuneConfig, images, labels, rng, num_classes):
         )
     smoothing = config.smoothing if config.mode == "finetune" else 0.0
     return images, augment.smooth_one_hot(labels, num_classes, smoothing)
+
+
+def _micro_batches(config: FinetuneConfig, loader, used_per_epoch, first_step, count, num_classes):
+    """(epoch, images, targets) of micro-steps ``first_step .. first_step + count - 1``, images
+    [devices, count, per-device batch, H, W, C] and targets [devices, count, per-device batch,
+    classes]; each micro-batch is mixed with its own micro-step's generator. The left-over
+    micro-batches of an epoch (fewer than ``accum_iter``) are read and dropped."""
+    n_dev = jax.local_device_count()
+    images, targets = [], []
+    while len(images) < count:
+        if loader.step >= used_per_epoch:
+            next(loader)
+            continue
+        epoch, batch = next(loader)
+        rng = np.random.default_rng([2, config.seed, first_step + len(images)])
+        x, y = _targets(config, batch["image"], batch["label"], rng, num_classes)
+        images.append(shard_batch(x, n_dev))
+        targets.append(shard_batch(y.astype(np.float32), n_dev))
+    return epoch, np.stack(images, axis=1), np.stack(targets, axis=1)
 
 
 def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
@@ -376,6 +422,8 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
     )
     plan = plan_steps(config, loader.steps_per_epoch, host_batch * jax.process_count())
     schedule, used_per_epoch, total_steps = plan.schedule, plan.used_per_epoch, plan.total_steps
+    accum = config.accum_iter
+    total_steps = -(-total_steps // accum) * accum  # whole optimizer steps, as pretraining
 
     # ---- model and optimizer
     graphdef, params, stats, frozen = nnx.split(
@@ -400,7 +448,8 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
     is_main = jax.process_index() == 0
     log = _MetricsLog(workdir, enabled=is_main)
     bar = _progress(progress and is_main, total_steps, step)
-    window: list[float] = []
+    window: list[float] = []  # losses of the optimizer steps since the last log line
+    window_steps = 0  # their micro-steps
     t_window = time.perf_counter()
     summary: dict[str, Any] = {"start_step": step, "interrupted": None, "val": []}
 
@@ -437,37 +486,39 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
     try:
         with multihost.StopRequest(ckpts.manager.reached_preemption) as stop:
             while step < total_steps:
-                if loader.step >= used_per_epoch:
-                    next(loader)
-                    continue
-                epoch, batch = next(loader)
-                rng = np.random.default_rng([2, config.seed, step])
-                images, targets = _targets(config, batch["image"], batch["label"], rng, num_classes)
-                lr = float(schedule(step // config.accum_iter))
+                before = step
+                # One optimizer step: a group of accum_iter micro-batches, or the rest of the
+                # group that a checkpoint of an older version was saved inside.
+                count = accum - step % accum
+                epoch, images, targets = _micro_batches(
+                    config, loader, used_per_epoch, step, count, num_classes
+                )
+                lr = float(schedule(step // accum))
                 new_params, new_opt, new_stats, metrics = p_step(
                     rep["params"],
                     rep_opt,
                     rep["stats"],
                     rep["frozen"],
-                    shard_batch(images, n_dev),
-                    shard_batch(targets.astype(np.float32), n_dev),
+                    images,
+                    targets,
                     base_key,
                     step,
                 )
                 loss = float(metrics["loss"][0])
                 check_finite(loss, float(metrics["grad_norm"][0]), step, epoch, ckpts)
                 rep["params"], rep_opt, rep["stats"] = new_params, new_opt, new_stats
-                step += 1
+                step += count
                 window.append(loss)
-                bar.update(1)
-                if step % config.log_every == 0 or step == total_steps:
+                window_steps += count
+                bar.update(count)
+                if _crossed(before, step, config.log_every) or step == total_steps:
                     now = time.perf_counter()
                     record = {
                         "step": step,
                         "epoch": epoch,
                         "loss": float(np.mean(window)),
                         "lr": lr,
-                        "images_per_s": len(window)
+                        "images_per_s": window_steps
                         * host_batch
                         * jax.process_count()
                         / (now - t_window),
@@ -475,12 +526,10 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
                     }
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                    window, t_window = [], now
+                    window, window_steps, t_window = [], 0, now
                 if step % used_per_epoch == 0:
                     validate(epoch)
-                if _save_or_stop(
-                    step - 1, step, total_steps, config, ckpts, save, stop, summary
-                ):
+                if _save_or_stop(before, step, total_steps, config, ckpts, save, stop, summary):
                     break
     finally:
         _close_run(ckpts, bar, log, loader)

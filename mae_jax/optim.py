@@ -167,6 +167,44 @@ def accumulate(tx: optax.GradientTransformation, accum_steps: int) -> optax.Grad
     return optax.MultiSteps(tx, every_k_schedule=accum_steps).gradient_transformation()
 
 
+def one_update_per_step(
+    tx: optax.GradientTransformation, accum_steps: int
+) -> optax.GradientTransformation:
+    """``tx`` for a step that averages its ``accum_steps`` micro-batches' gradients itself: each
+    ``update`` runs ``tx`` once, on that mean (``accumulate`` runs it at every micro-batch and
+    masks the result).
+
+    The state is ``accumulate``'s (``optax.MultiStepsState``), so that either resumes the other's
+    checkpoints: ``gradient_step`` counts the updates, ``mini_step`` and ``acc_grads`` stay zero.
+    A state that ``accumulate`` left inside a group (``mini_step`` m > 0, ``acc_grads`` the mean of
+    m gradients) is completed: ``update`` then takes the mean of the group's other
+    ``accum_steps - m`` micro-batches.
+    """
+    if accum_steps < 1:
+        raise OptimConfigError(f"accum_steps must be >= 1, got {accum_steps}")
+    if accum_steps == 1:
+        return tx
+    init = optax.MultiSteps(tx, every_k_schedule=accum_steps).init
+
+    def update_fn(grads, state, params=None):
+        done = state.mini_step / accum_steps  # share of the group already in acc_grads
+        mean = jax.tree.map(
+            lambda g, acc: g + (acc.astype(g.dtype) - g) * done.astype(g.dtype),
+            grads,
+            state.acc_grads,
+        )
+        updates, inner = tx.update(mean, state.inner_opt_state, params)
+        state = state._replace(
+            mini_step=jnp.zeros_like(state.mini_step),
+            gradient_step=state.gradient_step + 1,
+            inner_opt_state=inner,
+            acc_grads=jax.tree.map(jnp.zeros_like, state.acc_grads),
+        )
+        return updates, state
+
+    return optax.GradientTransformation(init, update_fn)
+
+
 def make_pretrain_optimizer(
     learning_rate: optax.ScalarOrSchedule,
     *,
