@@ -477,12 +477,14 @@ def local_axis_indices(n_local: int) -> np.ndarray:
 
 def replicate(tree: Any, n: int) -> Any:
     """``n`` copies of every leaf on a new leading axis, copy i placed on local device i."""
-    # A pmapped identity lays the copies out exactly as the train step's outputs are laid out,
-    # so the first step's donated arguments need no resharding. A tree without leaves (fine-tuning
-    # has no batch statistics) stays as it is: with several processes, pmap fails on no outputs.
+    # A pmapped identity on the step's axis name lays the copies out exactly as the train step's
+    # outputs are laid out: the first step's donated arguments need no resharding, and the
+    # step's second call finds the first one's compilation (one compile per start). A tree
+    # without leaves (fine-tuning has no batch statistics) stays as it is: with several
+    # processes, pmap fails on no outputs.
     if not jax.tree.leaves(tree):
         return tree
-    return jax.pmap(lambda _, t: t, in_axes=(0, None))(np.zeros(n), tree)
+    return jax.pmap(lambda _, t: t, in_axes=(0, None), axis_name=AXIS)(np.zeros(n), tree)
 
 
 def unreplicate(tree: Any) -> Any:

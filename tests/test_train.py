@@ -3,7 +3,9 @@
 import contextlib
 import functools
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,11 +157,38 @@ def test_loss_falls_on_a_tiny_folder(folder, tmp_path):
     assert isinstance(model, mae_jax.MaskedAutoencoderViT) and model.config.norm_pix_loss
 
 
-def test_resume_gives_the_same_losses_bitwise(folder, tmp_path):
+@contextlib.contextmanager
+def _step_compiles():
+    """The number of compilations of the pmapped train step (the only computation that takes
+    the [devices, accum_iter, batch, H, W, C] uint8 images) while the context is open."""
+    seen: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler, logger = Catch(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            yield lambda: sum(
+                m.startswith("Compiling")
+                and re.search(r"uint8\[\d+,\d+,\d+,32,32,3\]", m) is not None
+                for m in seen
+            )
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_resume_gives_the_same_losses_bitwise_with_one_compile_per_start(folder, tmp_path):
     train.pretrain(_cfg(folder, max_steps=10), tmp_path / "straight", progress=False)
-    train.pretrain(_cfg(folder, max_steps=6), tmp_path / "resumed", progress=False)
+    with _step_compiles() as compiles:
+        train.pretrain(_cfg(folder, max_steps=6), tmp_path / "resumed", progress=False)
+        assert compiles() == 1  # not again at the second step
     assert len(_losses(tmp_path / "resumed")) == 6
-    summary = train.pretrain(_cfg(folder, max_steps=10), tmp_path / "resumed", progress=False)
+    with _step_compiles() as compiles:
+        summary = train.pretrain(_cfg(folder, max_steps=10), tmp_path / "resumed", progress=False)
+        assert compiles() == 1
     assert summary["start_step"] == 6
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
 
