@@ -39,13 +39,13 @@ from mae_jax.classifier import (
 from mae_jax.config import get_vit_config
 from mae_jax.normalization import Normalization, as_metadata
 from mae_jax.run_checkpoints import Checkpoints
+from mae_jax.run_metrics import MetricsLog
+from mae_jax.run_settings import check_settings, compare_with_saved, write_settings
 from mae_jax.train import (
     AXIS,
     TrainingError,
-    _check_saved_config,
     _close_run,
     _crossed,
-    _MetricsLog,
     _progress,
     _save_or_stop,
     apply_overrides,
@@ -56,10 +56,12 @@ from mae_jax.train import (
     normalization_for,
     plan_steps,
     replicate,
+    resume_run,
     shard_batch,
     tuples_from_json,
     unreplicate,
 )
+from mae_jax.workdir_lock import WorkdirLock
 
 # The published recipes (FINETUNE.md); base-size lines differ from large/huge.
 _FINETUNE_RECIPES = {
@@ -105,6 +107,7 @@ class FinetuneConfig:
     log_every: int = 20
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
+    restore_step: int | None = None  # resume from this checkpoint instead of the newest
     read_threads: int = 16
     worker_count: int = -1  # loader processes; -1: one per core but one; 0: threads only
     # The preset's sizes changed (`--set model.KEY=VALUE`, ViTConfig fields). With --init, the
@@ -380,18 +383,30 @@ def _micro_batches(config: FinetuneConfig, loader, used_per_epoch, first_step, c
 
 def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
     """Run (or resume) fine-tuning or linear probing in ``workdir``; returns a summary."""
-    from mae_jax import data as data_lib
-    from mae_jax.checkpoint import save_model
-
     config = config.resolved()
-    multihost.check_same_settings(config.to_dict())
-    workdir = make_workdir(workdir)
-    dtype = compute_dtype(config.dtype)
+    check_settings(config)  # every bad value is one line before anything is made or written
     if not config.data:
         raise TrainingError(
             "--data is required: the training image folder (one sub-folder per class)"
         )
-    _check_saved_config(workdir, config)
+    multihost.check_same_settings(config.to_dict())
+    workdir = make_workdir(workdir)
+    with WorkdirLock(workdir) as lock, multihost.StopRequest() as stop:
+        return _finetune(config, workdir, lock, stop, progress)
+
+
+def _model_dict(config: FinetuneConfig) -> dict[str, Any]:
+    """The classifier's sizes as the preset and the run's changes make them."""
+    sizes = {} if config.img_size is None else {"img_size": config.img_size}
+    return get_vit_config(config.preset, **sizes, **config.model).to_dict()
+
+
+def _finetune(config, workdir, lock, stop, progress) -> dict:
+    """``finetune`` in its workdir, holding its lock, with signals turned into a stop."""
+    from mae_jax import data as data_lib
+
+    changes = compare_with_saved(workdir, config, _model_dict)
+    dtype = compute_dtype(config.dtype)
 
     # ---- data
     n_dev = jax.local_device_count()
@@ -420,6 +435,33 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
         transform=_transform(config, norm),
         norm=norm,
     )
+    try:
+        return _finetune_with_data(
+            config,
+            workdir,
+            lock,
+            stop,
+            progress,
+            loader,
+            val_folder,
+            num_classes,
+            model,
+            norm,
+            changes,
+        )
+    finally:
+        loader.close()
+
+
+def _finetune_with_data(
+    config, workdir, lock, stop, progress, loader, val_folder, num_classes, model, norm, changes
+) -> dict:
+    from mae_jax.checkpoint import save_model
+
+    if jax.process_index() == 0:
+        write_settings(workdir, config)  # only now that the data opened
+    n_dev = jax.local_device_count()
+    host_batch = config.batch_size * n_dev
     plan = plan_steps(config, loader.steps_per_epoch, host_batch * jax.process_count())
     schedule, used_per_epoch, total_steps = plan.schedule, plan.used_per_epoch, plan.total_steps
     accum = config.accum_iter
@@ -433,20 +475,16 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
     opt_state = tx.init(params)
 
     ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
-    step = 0
+    stop.agree_through(ckpts.manager.reached_preemption)
     states = {"params": params, "stats": stats, "frozen": frozen}
-    resumed = ckpts.resume(states, opt_state, loader)
-    if resumed is not None:
-        states, opt_state, meta = resumed
-        step = int(meta["step"])
-        print(f"resuming from {workdir / 'checkpoints'} at step {step} (epoch {loader.epoch})")
+    states, opt_state, step = resume_run(ckpts, states, opt_state, loader, config, changes)
     rep = {k: replicate(v, n_dev) for k, v in states.items()}
     rep_opt = replicate(opt_state, n_dev)
     p_step = make_p_classify_step(graphdef, tx)
     base_key = jax.random.key(config.seed)
 
     is_main = jax.process_index() == 0
-    log = _MetricsLog(workdir, enabled=is_main)
+    log = MetricsLog(workdir, enabled=is_main, resumed_at=step or None)
     bar = _progress(progress and is_main, total_steps, step)
     window: list[float] = []  # losses of the optimizer steps since the last log line
     window_steps = 0  # their micro-steps
@@ -463,6 +501,7 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
             **Checkpoints.position(loader.get_state()),
             "config": config.to_dict(),
         }
+        lock.check()
         ckpts.save(step, {k: unreplicate(v) for k, v in rep.items()}, unreplicate(rep_opt), meta)
         log.flush()
 
@@ -484,55 +523,54 @@ def finetune(config: FinetuneConfig, workdir: str | os.PathLike, *, progress: bo
         summary["val"].append(record)
 
     try:
-        with multihost.StopRequest(ckpts.manager.reached_preemption) as stop:
-            while step < total_steps:
-                before = step
-                # One optimizer step: a group of accum_iter micro-batches, or the rest of the
-                # group that a checkpoint of an older version was saved inside.
-                count = accum - step % accum
-                epoch, images, targets = _micro_batches(
-                    config, loader, used_per_epoch, step, count, num_classes
-                )
-                lr = float(schedule(step // accum))
-                new_params, new_opt, new_stats, metrics = p_step(
-                    rep["params"],
-                    rep_opt,
-                    rep["stats"],
-                    rep["frozen"],
-                    images,
-                    targets,
-                    base_key,
-                    step,
-                )
-                loss = float(metrics["loss"][0])
-                check_finite(loss, float(metrics["grad_norm"][0]), step, epoch, ckpts)
-                rep["params"], rep_opt, rep["stats"] = new_params, new_opt, new_stats
-                step += count
-                window.append(loss)
-                window_steps += count
-                bar.update(count)
-                if _crossed(before, step, config.log_every) or step == total_steps:
-                    now = time.perf_counter()
-                    record = {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": float(np.mean(window)),
-                        "lr": lr,
-                        "images_per_s": window_steps
-                        * host_batch
-                        * jax.process_count()
-                        / (now - t_window),
-                        "skipped_images": loader.num_skipped,
-                    }
-                    log.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                    window, window_steps, t_window = [], 0, now
-                if step % used_per_epoch == 0:
-                    validate(epoch)
-                if _save_or_stop(before, step, total_steps, config, ckpts, save, stop, summary):
-                    break
+        while step < total_steps:
+            before = step
+            # One optimizer step: a group of accum_iter micro-batches, or the rest of the
+            # group that a checkpoint of an older version was saved inside.
+            count = accum - step % accum
+            epoch, images, targets = _micro_batches(
+                config, loader, used_per_epoch, step, count, num_classes
+            )
+            lr = float(schedule(step // accum))
+            new_params, new_opt, new_stats, metrics = p_step(
+                rep["params"],
+                rep_opt,
+                rep["stats"],
+                rep["frozen"],
+                images,
+                targets,
+                base_key,
+                step,
+            )
+            loss = float(metrics["loss"][0])
+            check_finite(loss, float(metrics["grad_norm"][0]), step, epoch, ckpts)
+            rep["params"], rep_opt, rep["stats"] = new_params, new_opt, new_stats
+            step += count
+            window.append(loss)
+            window_steps += count
+            bar.update(count)
+            if _crossed(before, step, config.log_every) or step == total_steps:
+                now = time.perf_counter()
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": float(np.mean(window)),
+                    "lr": lr,
+                    "images_per_s": window_steps
+                    * host_batch
+                    * jax.process_count()
+                    / (now - t_window),
+                    "skipped_images": loader.num_skipped,
+                }
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                window, window_steps, t_window = [], 0, now
+            if step % used_per_epoch == 0:
+                validate(epoch)
+            if _save_or_stop(before, step, total_steps, config, ckpts, save, stop, summary):
+                break
     finally:
-        _close_run(ckpts, bar, log, loader)
+        _close_run(ckpts, bar, log)
     summary.update(end_step=step, total_steps=total_steps, skipped_images=loader.num_skipped)
     if summary["interrupted"] is None and is_main:
         m = current_model()

@@ -521,19 +521,20 @@ def split_model(model: MaskedAutoencoderViT) -> tuple[nnx.GraphDef, nnx.State, n
 def load_trained_model(
     workdir: str | os.PathLike, dtype: Any = jnp.float32
 ) -> MaskedAutoencoderViT:
-    """The model of the latest checkpoint of a pretraining run directory."""
+    """The model of the newest checkpoint of a pretraining run directory that restores and
+    matches its checksums (``Checkpoints.restore_latest``: a damaged newer step is skipped with
+    one printed line)."""
     workdir = run_path(workdir)
     config = PretrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
     model = MaskedAutoencoderViT(config.model_config(), rngs=nnx.Rngs(0), dtype=dtype)
     graphdef, params, fixed = split_model(model)
     ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
     try:
-        step = ckpts.latest_step()
-        if step is None:
-            raise TrainingError(f"{workdir}: the run has no checkpoint yet")
-        ckpts.restore(step, {"params": params, "fixed": fixed})
+        found = ckpts.restore_latest({"params": params, "fixed": fixed})
     finally:
         ckpts.close()
+    if found is None:
+        raise TrainingError(f"{workdir}: the run has no checkpoint yet")
     return nnx.merge(graphdef, params, fixed)
 
 
@@ -544,7 +545,9 @@ def _save_or_stop(previous, step, total_steps, config, ckpts, save, stop, summar
     """The end of a training step that moved from micro-step ``previous`` to ``step``: save when
     it crossed a multiple of ``ckpt_every`` and at the last step; when ``stop`` (a
     ``multihost.StopRequest``, asked once per step on every host) says so, save (unless this
-    step was just saved), record the signal in ``summary`` and return True."""
+    step was just saved), record the signal in ``summary`` and return True. A save that failed
+    in the background stops the run here (one line naming the checkpoint and the reason)."""
+    ckpts.raise_if_failed()
     if _crossed(previous, step, config.ckpt_every) or step == total_steps:
         save()
     if not stop.should_stop():
@@ -578,11 +581,13 @@ def resume_run(
 
 
 def _close_run(ckpts, *closables) -> None:
-    """Wait for the last asynchronous save, then close the checkpoints and everything else."""
-    ckpts.wait()
-    ckpts.close()
-    for thing in closables:
-        thing.close()
+    """Wait for the last asynchronous save and close the checkpoints (CheckpointSaveError if a
+    save failed), then close everything else in any case."""
+    try:
+        ckpts.close()
+    finally:
+        for thing in closables:
+            thing.close()
 
 
 def _default_data_folder() -> str:
@@ -953,9 +958,6 @@ def plan_steps(config: Any, iters_per_epoch: int, global_batch: int) -> StepPlan
     return StepPlan(schedule, used_per_epoch, total_steps)
 
 
-_MetricsLog = MetricsLog  # fine-tuning's name until it moves
-
-
 def make_workdir(workdir: Any) -> Any:
     """``workdir`` as a run path (local or bucket), created; one line if it cannot be."""
     path = run_path(workdir)
@@ -967,13 +969,6 @@ def make_workdir(workdir: Any) -> Any:
 
 def _model_dict(config: PretrainConfig) -> dict[str, Any]:
     return config.model_config().to_dict()
-
-
-def _check_saved_config(workdir: Any, config: Any) -> None:
-    """Fine-tuning's settings compared with the saved run's, then written (to be replaced)."""
-    compare_with_saved(workdir, config, lambda c: dict(c.model, img_size=c.img_size))
-    if jax.process_index() == 0:
-        write_settings(workdir, config)
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -85,6 +85,25 @@ def test_a_bad_setting_is_one_line_before_anything_is_written(tmp_path, capsys, 
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize(
+    "mode, setting, message",
+    [
+        ("finetune", "keep_checkpoints=0", "keep_checkpoints=0: must be an integer >= 1"),
+        ("finetune", "smoothing=1.5", "smoothing=1.5: must be a number in [0, 1)"),
+        ("finetune", "blr=-0.001", "blr=-0.001: must be a number > 0"),
+        ("linprobe", "accum_iter=0", "accum_iter=0: must be an integer >= 1"),
+        ("linprobe", "warmup_epochs=90", "warmup_epochs=90: must be below epochs (90)"),
+    ],
+)
+def test_fine_tuning_checks_its_settings_the_same_way(tmp_path, capsys, mode, setting, message):
+    workdir = tmp_path / "run"
+    args = [mode, "--data", str(tmp_path), "--workdir", str(workdir), "--set", setting]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mae-jax: error: --set {message}") and err.count("\n") == 1
+    assert not workdir.exists()
+
+
 def test_settings_are_written_only_once_the_data_opened(folder, tmp_path, capsys):
     workdir = tmp_path / "run"
     assert _pretrain_cli(workdir, "max_steps=1", data=tmp_path / "nope") == 2
@@ -127,6 +146,32 @@ def test_resume_on_another_device_count_is_refused_naming_the_devices(
         match=rf"started on 1 host\(s\) x {n} local device\(s\), it is now on 1 x {n // 2}",
     ):
         train.pretrain(_cfg(folder, max_steps=2), tmp_path, progress=False)
+
+
+def test_a_failed_save_stops_the_run_in_one_line_keeping_the_earlier_checkpoint(
+    folder, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    from orbax.checkpoint._src.path import atomicity
+
+    committed = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def disk_full_at_step_4(self):  # the step's final commit, in Orbax's thread
+        if self.get().name.startswith("4"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.get()))
+        return await committed(self)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full_at_step_4)
+    assert _pretrain_cli(tmp_path, "max_steps=12", "ckpt_every=2", data=folder) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"mae-jax: error: {tmp_path / 'checkpoints' / '4'}: cannot save the checkpoint: "
+        "No space left on device (the earlier checkpoints are kept)\n"
+    )
+    assert _steps(tmp_path) == [2]
+    # stopped at the step that saw the failure: at the latest the next save's (6)
+    assert max(json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").open()) <= 6
 
 
 # --------------------------------------------------------------------------- one run per workdir
@@ -179,11 +224,11 @@ def test_a_signal_during_the_final_save_is_handled(folder, tmp_path):
         "import tests.conftest\n"
         "from mae_jax import cli\n"
         "from mae_jax.run_checkpoints import Checkpoints\n"
-        "wait = Checkpoints.wait\n"
-        "def wait_after_a_signal(self):\n"
+        "close = Checkpoints.close\n"
+        "def close_after_a_signal(self):  # the run's end: waits for its last save\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    wait(self)\n"
-        "Checkpoints.wait = wait_after_a_signal\n"
+        "    close(self)\n"
+        "Checkpoints.close = close_after_a_signal\n"
         f"raise SystemExit(cli.main(['pretrain', '--preset', {TINY!r}, '--data', {str(folder)!r},"
         f" '--workdir', {str(tmp_path)!r}, '--quiet', '--set', 'max_steps=3',"
         " '--set', 'batch_size=1', '--set', 'ckpt_every=100']))\n"
@@ -230,8 +275,9 @@ def test_restore_step_goes_back_and_logs_each_step_once(folder, tmp_path, capsys
 
 
 def test_restore_step_that_does_not_exist_is_one_line(folder, tmp_path, capsys):
-    train.pretrain(_cfg(folder, max_steps=2, ckpt_every=2), tmp_path, progress=False)
+    assert _pretrain_cli(tmp_path, "max_steps=2", "ckpt_every=2", data=folder) == 0
     capsys.readouterr()
     assert _pretrain_cli(tmp_path, "max_steps=4", "restore_step=3", data=folder) == 2
     err = capsys.readouterr().err
-    assert err.startswith("mae-jax: error: ") and "3" in err and err.count("\n") == 1
+    assert err.startswith("mae-jax: error: ") and err.count("\n") == 1
+    assert "there is no checkpoint of step 3 (steps there: 2)" in err
