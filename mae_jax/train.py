@@ -29,9 +29,10 @@ from flax import nnx
 
 from mae_jax import masking, multihost, optim
 from mae_jax._files import check_bucket, naming, run_path
+from mae_jax.checkpoint import recorded_normalization
 from mae_jax.config import MAEConfig, get_config, parse_setting
 from mae_jax.model import FixedEmbedding, MaskedAutoencoderViT
-from mae_jax.normalization import IMAGENET, Normalization, recorded_normalization
+from mae_jax.normalization import IMAGENET, Normalization
 from mae_jax.run_checkpoints import Checkpoints
 from mae_jax.run_metrics import MetricsLog
 from mae_jax.run_settings import check_settings, compare_with_saved, write_settings
@@ -488,8 +489,18 @@ def replicate(tree: Any, n: int) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-    """Device 0's copy of a replicated tree, as host numpy arrays."""
-    return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+    """One device's copy of a replicated tree, as host numpy arrays.
+
+    Read from the array's first local shard: indexing (``x[0]``) would compile a gather for
+    every distinct leaf shape at the first save.
+    """
+
+    def first(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array):
+            return np.asarray(x.addressable_shards[0].data)[0]
+        return np.asarray(x[0])
+
+    return jax.tree.map(first, tree)
 
 
 def shard_batch(images_BxHxWxC: np.ndarray, n: int) -> np.ndarray:
