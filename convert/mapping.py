@@ -204,7 +204,7 @@ def _new_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     NumPy asks for transparent huge pages for large arrays; touching such new memory was up to 4x
     slower here (the kernel compacts memory to find 2 MiB pages).
     """
-    from convert.pth_io import _new_buffer
+    from .pth_io import _new_buffer
 
     return _new_buffer(math.prod(shape) * np.dtype(dtype).itemsize).view(dtype).reshape(shape)
 

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from convert.hf_reference import (
+from mae_jax.config import MAEConfig
+
+from .hf_reference import (
     STAGES,
     StageRecorder,
     as_float32_tensor,
@@ -41,7 +43,6 @@ from convert.hf_reference import (
     exact_float32,
     to_numpy,
 )
-from mae_jax.config import MAEConfig
 
 # Top-level modules of the official repository that a second repository would collide with.
 _REPO_MODULES = ("models_mae", "util")

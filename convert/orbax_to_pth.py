@@ -1,6 +1,7 @@
 """Export a mae-jax checkpoint directory as an official-layout ``.pth`` ({'model': state_dict}).
 
-    python convert/orbax_to_pth.py out/mae_vit_large back.pth
+    mae-jax to-pth out/mae_vit_large back.pth
+    python convert/orbax_to_pth.py out/mae_vit_large back.pth  # from a clone
 
 The official ``models_mae`` model (or, for a classifier, ``models_vit``) loads the result with
 ``strict=True``; a file converted with pth_to_orbax.py comes back with bit-identical tensors in the
@@ -17,15 +18,17 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
+if __package__ in (None, ""):  # run as a script from a clone: a module of the package `convert`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "convert"
 
-from convert import mapping
-from convert.pth_io import PthError, write_pth
-from convert.pth_to_orbax import ConversionError, HeldSignals, check_finite, run_script
 from mae_jax._files import naming, run_path
 from mae_jax._memory import return_large_blocks_to_the_system
 from mae_jax.checkpoint import CheckpointError, load_state
+
+from . import mapping
+from .pth_io import PthError, write_pth
+from .pth_to_orbax import ConversionError, HeldSignals, check_finite, run_script
 
 
 def export_pth(
@@ -53,11 +56,11 @@ def export_pth(
     return dst
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="orbax_to_pth.py",
-        description="Export a mae-jax checkpoint directory as an official-layout .pth file.",
-    )
+DESCRIPTION = "Export a mae-jax checkpoint directory as an official-layout .pth file."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``orbax_to_pth.py`` and of ``mae-jax to-pth``."""
     p.add_argument("checkpoint", help="mae-jax checkpoint directory")
     p.add_argument("dst", help="the .pth file to write")
     p.add_argument("--force", action="store_true", help="replace an existing file")
@@ -66,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="refuse weights with NaN or inf values (by default: written, with a warning)",
     )
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export as ``add_arguments``' options say; the exit status (errors: one line on stderr)."""
     code, dst = run_script(
         lambda: export_pth(args.checkpoint, args.dst, force=args.force, strict=args.strict),
         args.dst,
@@ -76,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         return code
     print(f"wrote {dst}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="orbax_to_pth.py", description=DESCRIPTION)
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Prove that mae-jax and PyTorch compute the same numbers for the same weights, input and mask.
 
-    python convert/parity.py out/mae_vit_large --pth mae_visualize_vit_large.pth
-    python -m convert.parity out/mae_vit_large --pth ... --official-repo ~/src/mae
+    mae-jax parity out/mae_vit_large --pth mae_visualize_vit_large.pth
+    mae-jax parity out/mae_vit_large --pth ... --official-repo ~/src/mae
+    python convert/parity.py out/mae_vit_large --pth ...  # from a clone
+
+The PyTorch side needs the torch extra (``pip install "mae-jax[torch]"``).
 
 Runs the JAX model of a checkpoint directory and an independent PyTorch implementation on the same
 weights, the same random images and the same masking noise, and prints one row per stage with the
@@ -22,8 +25,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
+if __package__ in (None, ""):  # run as a script from a clone: a module of the package `convert`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "convert"
 
 import numpy as np
 
@@ -163,13 +167,14 @@ def run_parity(
     import jax
     import jax.numpy as jnp
 
-    from convert.mapping import official_from_state
-    from convert.pth_io import read_pth
-    from convert.pth_to_orbax import extract_state_dict
     from mae_jax import load_pretrained
     from mae_jax._files import run_path
     from mae_jax.checkpoint import state_as_numpy
     from mae_jax.classifier import VisionTransformer
+
+    from .mapping import official_from_state
+    from .pth_io import read_pth
+    from .pth_to_orbax import extract_state_dict
 
     if dtype not in ("float32", "bfloat16"):
         raise ParityInputError(f"--dtype must be float32 or bfloat16, got {dtype}")
@@ -206,7 +211,7 @@ def run_parity(
     else:
         ours = jax_stages(model, imgs_nchw.transpose(0, 2, 3, 1), noise, mask_ratio)
     if is_classifier:
-        from convert.hf_reference import hf_classifier_forward
+        from .hf_reference import hf_classifier_forward
 
         ref = hf_classifier_forward(
             state_dict,
@@ -226,7 +231,7 @@ def run_parity(
             "transformers ViTMAEModel (eager attention, no masking) + official pooling and head"
         )
     elif official_repo is not None:
-        from convert.official_reference import official_mae_forward, official_model_kwargs
+        from .official_reference import official_mae_forward, official_model_kwargs
 
         arch = official_arch or "MaskedAutoencoderViT"
         kwargs = official_model_kwargs(config) if arch == "MaskedAutoencoderViT" else None
@@ -243,7 +248,7 @@ def run_parity(
         )
         reference = f"official code at {official_repo}"
     elif model.with_decoder:
-        from convert.hf_reference import hf_mae_forward
+        from .hf_reference import hf_mae_forward
 
         ref = hf_mae_forward(
             state_dict,
@@ -256,7 +261,7 @@ def run_parity(
         )
         reference = "transformers ViTMAEForPreTraining (eager attention)"
     else:
-        from convert.hf_reference import hf_encoder_forward
+        from .hf_reference import hf_encoder_forward
 
         ref = hf_encoder_forward(
             state_dict, config, imgs_nchw, noise, mask_ratio=mask_ratio, device=torch_device
@@ -290,11 +295,15 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="parity.py",
-        description="Compare mae-jax with PyTorch on the same weights, input and mask, stage by stage.",
-    )
+DESCRIPTION = "Compare mae-jax with PyTorch on the same weights, input and mask, stage by stage."
+
+# What the PyTorch side imports, and the extra that installs it.
+TORCH_MODULES = ("torch", "transformers")
+TORCH_EXTRA = 'pip install "mae-jax[torch]" (in a clone: pip install -e ".[torch]")'
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``parity.py`` and of ``mae-jax parity``."""
     p.add_argument("checkpoint", help="mae-jax checkpoint directory")
     p.add_argument(
         "--pth",
@@ -336,13 +345,27 @@ def main(argv: list[str] | None = None) -> int:
         default=1e-6,
         help="relative error allowed on the loss (default 1e-6)",
     )
-    args = p.parse_args(argv)
 
-    from convert.hf_reference import ReferenceInputError, StateDictMismatchError
-    from convert.official_reference import OfficialRepoError
-    from convert.pth_io import PthError
-    from convert.pth_to_orbax import ConversionError
+
+def run(args: argparse.Namespace) -> int:
+    """Compare as ``add_arguments``' options say: 0 within tolerance, 1 over it, 2 for bad input
+    or a missing PyTorch (one line on stderr)."""
+    try:
+        from .hf_reference import ReferenceInputError, StateDictMismatchError
+        from .official_reference import OfficialRepoError
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] not in TORCH_MODULES:
+            raise
+        print(
+            f"error: parity needs PyTorch and transformers ({e}); install the torch extra: "
+            f"{TORCH_EXTRA}",
+            file=sys.stderr,
+        )
+        return 2
     from mae_jax.checkpoint import CheckpointError
+
+    from .pth_io import PthError
+    from .pth_to_orbax import ConversionError
 
     try:
         ours, ref, info = run_parity(
@@ -388,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         else "bfloat16 errors reported (not enforced)"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="parity.py", description=DESCRIPTION)
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Convert an official MAE ``.pth`` checkpoint into a mae-jax (Orbax) checkpoint directory.
 
-    python convert/pth_to_orbax.py mae_visualize_vit_large.pth out/mae_vit_large
-    python convert/pth_to_orbax.py mae_finetuned_vit_base.pth out/vit_base_ft
-    python convert/pth_to_orbax.py mae_finetuned_vit_base.pth out/vit_base_enc --encoder-only
+    mae-jax convert mae_visualize_vit_large.pth out/mae_vit_large
+    mae-jax convert mae_finetuned_vit_base.pth out/vit_base_ft
+    mae-jax convert mae_finetuned_vit_base.pth out/vit_base_enc --encoder-only
+    python convert/pth_to_orbax.py mae_visualize_vit_large.pth out/mae_vit_large  # from a clone
 
 MAEs (with or without decoder) and fine-tuned ``models_vit`` classifiers are recognized from their
 keys; a classifier's pooling (fc_norm: global pool, norm: cls token), class count and learned
@@ -35,19 +36,21 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
+if __package__ in (None, ""):  # run as a script from a clone: a module of the package `convert`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "convert"
 
 import ml_dtypes
 import numpy as np
 
-from convert import mapping
-from convert.pth_io import PthError, read_pth
 from mae_jax._files import naming, run_path
 from mae_jax._memory import return_large_blocks_to_the_system
 from mae_jax.checkpoint import CheckpointError, abstract_model, read_metadata, save_model
 from mae_jax.config import PRESETS, VIT_PRESETS, MAEConfig, ViTConfig
 from mae_jax.pos_embed import sincos_2d
+
+from . import mapping
+from .pth_io import PthError, read_pth
 
 CONVERTER_VERSION = "1"
 
@@ -341,11 +344,11 @@ def convert_pth(
     return saved, metadata
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pth_to_orbax.py",
-        description="Convert an official MAE .pth checkpoint into a mae-jax checkpoint directory.",
-    )
+DESCRIPTION = "Convert an official MAE .pth checkpoint into a mae-jax checkpoint directory."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``pth_to_orbax.py`` and of ``mae-jax convert``."""
     p.add_argument(
         "src",
         help="the .pth file (official layout: {'model': state_dict}, a training checkpoint, or a bare state_dict)",
@@ -390,7 +393,6 @@ def _parser() -> argparse.ArgumentParser:
         help="refuse weights with NaN or inf values (by default: converted, with a warning)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
 
 
 def _head_flags(family: str) -> str:
@@ -399,8 +401,8 @@ def _head_flags(family: str) -> str:
     return "--set num_heads=N"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Convert as ``add_arguments``' options say; the exit status (errors: one line on stderr)."""
     code, result = run_script(
         lambda: convert_pth(
             args.src,
@@ -449,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
             "  note: no decoder in this file; it cannot reconstruct images (use mae_visualize_* or *_full)"
         )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pth_to_orbax.py", description=DESCRIPTION)
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

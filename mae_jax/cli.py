@@ -1,4 +1,5 @@
-"""The ``mae-jax`` command: pretrain, reconstruct, demo, export, prepare-data, eval.
+"""The ``mae-jax`` command: pretrain, reconstruct, demo, export, prepare-data, eval, and the
+converter's convert, to-pth and parity (``mae_jax.convert``, the scripts of a clone's ``convert/``).
 
 User mistakes end in one line on stderr (``mae-jax: error: ...``) and exit status 2; no tracebacks.
 A run stopped by a signal after saving exits with 75 (``multihost.EXIT_INTERRUPTED``), one stopped
@@ -11,6 +12,7 @@ naming the path (``mae_jax._files.PathError``, an OSError).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -427,7 +429,7 @@ def _add_export(sub) -> None:
         description=(
             "Copy the model of the latest checkpoint of a `mae-jax pretrain` workdir into a "
             "stand-alone mae-jax checkpoint directory (parameters + JSON metadata). Turn it into an "
-            "official .pth with: python convert/orbax_to_pth.py OUT model.pth"
+            "official .pth with: mae-jax to-pth OUT model.pth"
         ),
     )
     p.add_argument("workdir", help="the pretraining run directory")
@@ -566,6 +568,53 @@ def _run_eval(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- convert, to-pth, parity
+
+# The converter's scripts, each the one definition of its command's options (add_arguments) and
+# of what it does (run), imported only once its command is named (they import Orbax; parity, torch).
+_CONVERTER_COMMANDS = {
+    "convert": ("pth_to_orbax", "convert an official .pth checkpoint into a mae-jax checkpoint"),
+    "to-pth": ("orbax_to_pth", "export a mae-jax checkpoint as an official-layout .pth file"),
+    "parity": ("parity", "compare mae-jax with PyTorch on the same weights, input and mask"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose options ``fill(parser)`` adds when it first parses (or helps)."""
+
+    def __init__(self, *args, fill=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fill = fill
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._fill is not None:
+            fill, self._fill = self._fill, None
+            fill(self)
+        return super().parse_known_args(args, namespace)
+
+
+def _add_converter(sub, command: str) -> None:
+    module_name, help_line = _CONVERTER_COMMANDS[command]
+
+    def fill(p: argparse.ArgumentParser) -> None:
+        try:
+            script = importlib.import_module(f"mae_jax.convert.{module_name}")
+        except ModuleNotFoundError as e:
+            if e.name != "mae_jax.convert":
+                raise
+            # an editable install made before the converter was part of the package
+            p.exit(
+                2,
+                "mae-jax: error: mae_jax.convert is not installed; reinstall mae-jax (in a "
+                "clone: pip install -e .)\n",
+            )
+        p.description = script.DESCRIPTION
+        script.add_arguments(p)
+        p.set_defaults(run=script.run)
+
+    sub.add_parser(command, help=help_line, fill=fill)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -578,10 +627,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mae-jax",
         description=(
-            "Masked Autoencoders in JAX: pretrain, reconstruct, demo, export, prepare-data, eval."
+            "Masked Autoencoders in JAX: pretrain, reconstruct, demo, export, prepare-data, eval; "
+            "convert official .pth checkpoints, export them back, check parity with PyTorch."
         ),
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     _add_pretrain(sub)
     _add_reconstruct(sub)
     _add_demo(sub)
@@ -590,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_finetune(sub, "finetune")
     _add_finetune(sub, "linprobe")
+    for command in _CONVERTER_COMMANDS:
+        _add_converter(sub, command)
     return parser
 
 
