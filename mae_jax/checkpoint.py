@@ -31,6 +31,7 @@ from mae_jax._memory import return_large_blocks_to_the_system
 from mae_jax.classifier import VisionTransformer
 from mae_jax.config import MAEConfig, ViTConfig
 from mae_jax.model import MaskedAutoencoderViT
+from mae_jax.normalization import Normalization
 
 METADATA_FILE = "mae_jax.json"
 PARAMS_DIR = "params"
@@ -217,6 +218,39 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if meta["format"] != FORMAT:
         raise CheckpointError(f"{meta_file}: unknown checkpoint format {meta['format']!r}")
     return meta
+
+
+def checkpoint_dir(path: str | os.PathLike) -> epath.Path | None:
+    """The checkpoint directory ``path`` (local or a bucket URL) names: itself, or the ``model/``
+    a finished fine-tuning run exported; None for a pretraining run directory (whose model lives
+    in its Orbax steps)."""
+    path = run_path(path)
+    with naming(path):
+        if (path / METADATA_FILE).exists() or not (path / "checkpoints").is_dir():
+            return path
+        if (path / "model" / METADATA_FILE).exists():
+            return path / "model"
+    return None
+
+
+def recorded_normalization(
+    checkpoint: str | os.PathLike,
+    in_chans: int,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> Normalization:
+    """The normalisation for the model of ``checkpoint``: ``mean``/``std`` where given, else what
+    a pretraining run's config.json or a checkpoint directory's metadata records (runs and
+    exports write it), else the default of ``in_chans`` channels. ValueError if they do not fit."""
+    directory = checkpoint_dir(checkpoint)
+    if directory is None:
+        with naming(checkpoint):
+            saved = json.loads((run_path(checkpoint) / "config.json").read_text())
+    else:
+        saved = read_metadata(directory).get("normalization") or {}
+    mean = saved.get("mean") if mean is None else mean
+    std = saved.get("std") if std is None else std
+    return Normalization.for_channels(in_chans, mean, std)
 
 
 def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Module:

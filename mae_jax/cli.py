@@ -325,7 +325,7 @@ def reconstruct_figure(
 def checkpoint_normalization(checkpoint: str, in_chans: int, mean=None, std=None):
     """``normalization.recorded_normalization`` with a mistake as one UsageError naming the
     checkpoint."""
-    from mae_jax.normalization import recorded_normalization
+    from mae_jax.checkpoint import recorded_normalization
 
     try:
         return recorded_normalization(checkpoint, in_chans, mean, std)
@@ -346,15 +346,15 @@ def _numbers(flag: str, text: str | None) -> tuple[float, ...] | None:
 
 def _model_type(checkpoint: str) -> str:
     """The model type a checkpoint directory records ('mae' for a pretraining run directory)."""
-    from mae_jax import checkpoint_dir
-    from mae_jax.checkpoint import read_metadata
+    from mae_jax.checkpoint import checkpoint_dir, read_metadata
 
     directory = checkpoint_dir(checkpoint)
     return "mae" if directory is None else read_metadata(directory)["model_type"]
 
 
 def _run_reconstruct(args) -> int:
-    from mae_jax import load_pretrained, visualize
+    from mae_jax import visualize
+    from mae_jax.loading import load_pretrained
     from mae_jax.model import MissingDecoderError
 
     if not 0.0 <= args.mask_ratio < 1.0:
@@ -403,7 +403,8 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from mae_jax import assets, load_pretrained, visualize
+    from mae_jax import assets, visualize
+    from mae_jax.loading import load_pretrained
 
     model = load_pretrained(str(assets.demo_checkpoint_dir()))
     figure = reconstruct_figure(
@@ -538,8 +539,10 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     import jax.numpy as jnp
 
-    from mae_jax import data, load_pretrained
-    from mae_jax.classifier import NotAClassifierError, evaluate
+    from mae_jax import data
+    from mae_jax.classifier import NotAClassifierError
+    from mae_jax.evaluate import evaluate
+    from mae_jax.loading import load_pretrained
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")

@@ -5,10 +5,11 @@ The one exception is ``normalize_on_device`` (jax.numpy, ``Normalization.on_devi
 the train step calls on uint8 batches. Images are read as RGB, or as grayscale for 1-channel
 models (``channels=1``, or a one-channel ``Normalization``).
 
-- ``ImageFolder`` lists the images of an ImageNet-style folder (one sub-folder per class) or of a
-  flat folder (every image gets label 0); ``mae_jax.records.RecordFolder`` reads the same images
-  from sharded ArrayRecord files (``mae-jax prepare-data``); ``open_dataset`` opens either. Both
-  give ``len``, ``root``, ``classes``, ``labels`` and ``read(i) -> (encoded bytes, name)``.
+- ``ImageFolder`` (from ``mae_jax.images``) lists the images of an ImageNet-style folder (one
+  sub-folder per class) or of a flat folder (every image gets label 0);
+  ``mae_jax.records.RecordFolder`` reads the same images from sharded ArrayRecord files
+  (``mae-jax prepare-data``); ``open_dataset`` opens either. Both give ``len``, ``root``,
+  ``classes``, ``labels`` and ``read(i) -> (encoded bytes, name)``.
 - ``pretrain_crop`` is the official pretraining augmentation on uint8 pixels: RandomResizedCrop
   (scale (0.2, 1), ratio (3/4, 4/3), bicubic) with torchvision's sampling algorithm, then a
   horizontal flip with p=0.5. A JPEG that is opened but not yet decoded is decoded at a reduced
@@ -25,7 +26,6 @@ models (``channels=1``, or a one-channel ``Normalization``).
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -37,6 +37,13 @@ import grain
 import numpy as np
 from PIL import Image
 
+from mae_jax.images import (  # noqa: F401 (IMAGE_EXTENSIONS, ...: part of this module's API)
+    IMAGE_EXTENSIONS,
+    DataError,
+    ImageFolder,
+    cannot_decode,
+    open_image,
+)
 from mae_jax.loader_workers import remove_dead_runs_segments, worker_start_hook
 from mae_jax.normalization import (  # noqa: F401 (IMAGENET_MEAN/STD: part of this module's API)
     IMAGENET,
@@ -51,7 +58,6 @@ if TYPE_CHECKING:
 
     from mae_jax.records import RecordFolder
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Pillow mode of the decoded pixels for each supported channel count.
 CHANNEL_MODES = {1: "L", 3: "RGB"}
 PRETRAIN_SCALE = (0.2, 1.0)
@@ -75,89 +81,9 @@ Transform = Callable[[Image.Image, np.random.Generator, int], np.ndarray]
 Pixels = Literal["float32", "uint8"]
 
 
-class DataError(ValueError):
-    """Bad input data (missing folder, no images, unreadable files); the message names the path."""
-
-
 # ----------------------------------------------------------------------------------------------
-# Listing
+# Image sets
 # ----------------------------------------------------------------------------------------------
-
-
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
-def _images_under(folder: str) -> list[str]:
-    """All image files below ``folder`` (recursive, following links), sorted by relative path."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(os.path.join(dirpath, f) for f in filenames if _is_image_name(f))
-    return sorted(found, key=lambda p: os.path.relpath(p, folder))
-
-
-class ImageFolder:
-    """The images of a folder and their labels.
-
-    Layout: either one sub-folder per class (label = index of the class name in sorted order, images
-    found recursively inside), or a flat folder of images (label 0, ``classes == ("",)``). Hidden
-    files and folders are ignored. Attributes: ``root``, ``classes``, ``paths`` (N,) and ``labels``
-    (N,) int32, both sorted by class then path.
-    """
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = os.fspath(root)
-        if not os.path.exists(self.root):
-            raise DataError(f"{self.root}: folder does not exist")
-        if not os.path.isdir(self.root):
-            raise DataError(f"{self.root}: is not a folder")
-        entries = sorted(e for e in os.listdir(self.root) if not e.startswith("."))
-        subdirs = [e for e in entries if os.path.isdir(os.path.join(self.root, e))]
-        flat_files = [
-            os.path.join(self.root, e)
-            for e in entries
-            if _is_image_name(e) and os.path.isfile(os.path.join(self.root, e))
-        ]
-        per_class = {d: _images_under(os.path.join(self.root, d)) for d in subdirs}
-        class_mode = any(per_class.values())
-        if class_mode and flat_files:
-            raise DataError(
-                f"{self.root}: holds both image files and class sub-folders; "
-                "put every image in a class folder, or use a flat folder without sub-folders"
-            )
-        if not class_mode and not flat_files:
-            looked_for = ", ".join(IMAGE_EXTENSIONS)
-            raise DataError(f"{self.root}: no images found (looked for {looked_for})")
-        if class_mode:
-            empty = [d for d in subdirs if not per_class[d]]
-            if empty:
-                # Same rule as torchvision's ImageFolder: an empty class would shift no label but
-                # can never be sampled, which is almost always a mistake in the folder.
-                raise DataError(f"{os.path.join(self.root, empty[0])}: class folder has no images")
-            self.classes = tuple(subdirs)
-            paths = [p for d in subdirs for p in per_class[d]]
-            labels = [i for i, d in enumerate(subdirs) for _ in per_class[d]]
-        else:
-            self.classes = ("",)
-            paths, labels = flat_files, [0] * len(flat_files)
-        self.paths = tuple(paths)
-        self.labels = np.asarray(labels, dtype=np.int32)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def read(self, index: int) -> tuple[bytes, str]:
-        """Image ``index``'s encoded file bytes and its path (for messages); DataError if unreadable."""
-        path = self.paths[index]
-        try:
-            with open(path, "rb") as f:
-                return f.read(), path
-        except OSError as err:
-            raise DataError(f"{path}: cannot read file ({err.strerror or err})") from err
-
-    def __repr__(self) -> str:
-        return f"ImageFolder({self.root!r}: {len(self)} images, {len(self.classes)} classes)"
 
 
 def open_dataset(root: str | os.PathLike) -> ImageFolder | RecordFolder:
@@ -208,21 +134,6 @@ def pixel_array(img: Image.Image) -> np.ndarray:
     return pixels[:, :, None] if pixels.ndim == 2 else pixels
 
 
-def _cannot_decode(name: str, err: Exception) -> DataError:
-    return DataError(f"{name}: cannot decode image ({type(err).__name__}: {err})")
-
-
-def open_image(encoded: bytes, name: str) -> Image.Image:
-    """Encoded image bytes opened by Pillow: header read, pixels not decoded yet.
-
-    ``name`` (a path, or a record's description) is what a DataError names on failure.
-    """
-    try:
-        return Image.open(io.BytesIO(encoded))
-    except Exception as err:  # any failure inside Pillow means the file is unusable
-        raise _cannot_decode(name, err) from err
-
-
 def decode_bytes(encoded: bytes, name: str, channels: int = 3) -> Image.Image:
     """Encoded image bytes fully decoded and converted to RGB (``channels`` 3) or grayscale (1);
     DataError naming ``name``."""
@@ -231,7 +142,7 @@ def decode_bytes(encoded: bytes, name: str, channels: int = 3) -> Image.Image:
         img.load()
         return to_channels(img, channels)
     except Exception as err:
-        raise _cannot_decode(name, err) from err
+        raise cannot_decode(name, err) from err
 
 
 def decode_rgb(path: str | os.PathLike, channels: int = 3) -> Image.Image:
@@ -242,7 +153,7 @@ def decode_rgb(path: str | os.PathLike, channels: int = 3) -> Image.Image:
             img.load()
             return to_channels(img, channels)
     except Exception as err:  # any failure inside Pillow means the file is unusable
-        raise _cannot_decode(os.fspath(path), err) from err
+        raise cannot_decode(os.fspath(path), err) from err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +235,7 @@ def decode_for_crop(
         img.load()
         return to_channels(img, channels), scale
     except Exception as err:  # any failure inside Pillow means the file is unusable
-        raise _cannot_decode(name, err) from err
+        raise cannot_decode(name, err) from err
 
 
 def crop_resize(

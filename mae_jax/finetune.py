@@ -32,11 +32,11 @@ from mae_jax import augment, masking, multihost, optim
 from mae_jax.classifier import (
     BatchNorm1d,
     VisionTransformer,
-    evaluate,
     init_classifier_from_classifier,
     init_classifier_from_mae,
 )
 from mae_jax.config import get_vit_config
+from mae_jax.evaluate import evaluate
 from mae_jax.normalization import Normalization, as_metadata
 from mae_jax.run_checkpoints import Checkpoints
 from mae_jax.run_metrics import MetricsLog
@@ -284,7 +284,7 @@ ENCODER_FIELDS = (
 
 def build_model(config: FinetuneConfig, num_classes: int, dtype) -> nnx.Module:
     """The classifier (or probe) to train, started from ``config.init`` when given."""
-    from mae_jax import load_pretrained
+    from mae_jax.loading import load_pretrained
 
     overrides: dict[str, Any] = dict(
         num_classes=num_classes, global_pool=config.global_pool, drop_path_rate=config.drop_path

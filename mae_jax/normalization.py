@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -133,30 +131,7 @@ IMAGENET_MEAN = np.array(IMAGENET.mean, dtype=np.float32)
 IMAGENET_STD = np.array(IMAGENET.std, dtype=np.float32)
 
 
-def recorded_normalization(
-    checkpoint: str | os.PathLike,
-    in_chans: int,
-    mean: tuple[float, ...] | None = None,
-    std: tuple[float, ...] | None = None,
-) -> Normalization:
-    """The normalisation for the model of ``checkpoint``: ``mean``/``std`` where given, else what
-    a pretraining run's config.json or a checkpoint directory's metadata records (runs and
-    exports write it), else the default of ``in_chans`` channels. ValueError if they do not fit."""
-    from mae_jax import checkpoint_dir
-    from mae_jax._files import naming, run_path
-    from mae_jax.checkpoint import read_metadata
-
-    directory = checkpoint_dir(checkpoint)
-    if directory is None:
-        with naming(checkpoint):
-            saved = json.loads((run_path(checkpoint) / "config.json").read_text())
-    else:
-        saved = read_metadata(directory).get("normalization") or {}
-    mean = saved.get("mean") if mean is None else mean
-    std = saved.get("std") if std is None else std
-    return Normalization.for_channels(in_chans, mean, std)
-
-
 def as_metadata(norm: Normalization) -> dict[str, list[float]]:
-    """``norm`` as a checkpoint's metadata records it (``recorded_normalization`` reads it)."""
+    """``norm`` as a checkpoint's metadata records it (``checkpoint.recorded_normalization`` reads
+    it)."""
     return {"mean": list(norm.mean), "std": list(norm.std)}

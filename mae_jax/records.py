@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from mae_jax._files import atomic_write, copy_file, is_url, naming, replace_dir, run_path
-from mae_jax.data import DataError, ImageFolder, open_image
+from mae_jax.images import DataError, ImageFolder, open_image
 
 INDEX_NAME = "index.json"
 LABELS_NAME = "labels.npy"
@@ -355,4 +355,3 @@ def write_records(
                 pass
         raise
     return dict(index, unreadable=unreadable, bytes=sum(sizes))
-

@@ -25,11 +25,11 @@ from mae_jax.classifier import (
     classification_counts,
     drop_path,
     eval_slice_size,
-    evaluate,
     in_slices,
     init_classifier_from_mae,
     interpolate_pos_embed,
 )
+from mae_jax.evaluate import evaluate
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -175,8 +175,8 @@ def test_linear_probe_trains_only_the_head_and_folds_batchnorm(mae_init, tmp_pat
     np.testing.assert_array_equal(probe_model.norm.scale[...], encoder.norm.scale[...])
     assert summary["val"][-1]["val_top1"] >= 90.0, summary["val"]
     # the exported classifier (BatchNorm folded into the head) scores what the probe scored
-    from mae_jax.classifier import evaluate
     from mae_jax.data import ImageFolder
+    from mae_jax.evaluate import evaluate
 
     exported = evaluate(probe_model, ImageFolder(task[1]), batch_size=8)
     assert exported["top1"] == pytest.approx(summary["val"][-1]["val_top1"])

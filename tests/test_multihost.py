@@ -71,7 +71,7 @@ def test_two_processes_validate_their_shares_and_agree(tmp_path):
     logged figures equal one process evaluating the whole folder with the final weights."""
     from convert.pth_to_orbax import convert_pth
     from mae_jax import data as data_lib
-    from mae_jax.classifier import evaluate
+    from mae_jax.evaluate import evaluate
     from tests.test_finetune import GOLDEN, _two_class_folder
 
     train = _two_class_folder(tmp_path / "train", 4, 0)  # 8 images: 2 steps per epoch
