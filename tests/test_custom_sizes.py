@@ -20,6 +20,7 @@ from flax import nnx
 import mae_jax
 from convert import orbax_to_pth, parity, pth_to_orbax
 from mae_jax.config import MAEConfig, ViTConfig
+from mae_jax.run_settings import SettingsError
 from tests.test_classifier import official_pth_of
 from tests.test_train import _cfg
 
@@ -196,7 +197,7 @@ def test_pretraining_a_custom_model_resumes_and_refuses_another_model(tmp_path):
     assert (loaded.decoder_embed_dim, loaded.decoder_num_heads) == (32, 4)
 
     wider = cfg.with_overrides(["model.embed_dim=96"])
-    with pytest.raises(train.TrainingError, match=r"model\.embed_dim: 48 -> 96"):
+    with pytest.raises(SettingsError, match=r"model\.embed_dim: 48 -> 96"):
         train.pretrain(wider, tmp_path / "run", progress=False)
 
 

@@ -23,6 +23,7 @@ import mae_jax
 from mae_jax import cli, data, masking, train
 from mae_jax.checkpoint import read_metadata
 from mae_jax.normalization import Normalization
+from mae_jax.run_settings import SettingsError
 from tests.test_train import _cfg
 
 TINY = "mae_vit_tiny_patch4"  # image 32, patch 4
@@ -151,7 +152,7 @@ def test_a_one_channel_model_pretrains_on_grayscale_images(gray_folder, tmp_path
     assert figure.shape[-1] == 3 and (figure[..., 0] == figure[..., 2]).all()  # drawn in gray
 
     # resuming with other statistics is refused, naming the setting
-    with pytest.raises(train.TrainingError, match=r"mean: \[0\.5\] -> \[0\.4\]"):
+    with pytest.raises(SettingsError, match=r"mean: \[0\.5\] -> \[0\.4\]"):
         train.pretrain(cfg.with_overrides(["mean=0.4"]), run, progress=False)
 
 
