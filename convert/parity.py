@@ -167,7 +167,7 @@ def run_parity(
     import jax
     import jax.numpy as jnp
 
-    from mae_jax import load_pretrained
+    from mae_jax.loading import load_pretrained
     from mae_jax._files import run_path
     from mae_jax.checkpoint import state_as_numpy
     from mae_jax.classifier import VisionTransformer

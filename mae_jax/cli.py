@@ -323,7 +323,7 @@ def reconstruct_figure(
 
 
 def checkpoint_normalization(checkpoint: str, in_chans: int, mean=None, std=None):
-    """``normalization.recorded_normalization`` with a mistake as one UsageError naming the
+    """``checkpoint.recorded_normalization`` with a mistake as one UsageError naming the
     checkpoint."""
     from mae_jax.checkpoint import recorded_normalization
 
