@@ -6,7 +6,8 @@ at once naming the holder's host and process, and the lock of a killed run is si
 
 A bucket has no locks. There the file is a lease: its holder rewrites it every ``HEARTBEAT_S``
 seconds, a second run is refused while the lease is younger than ``STALE_S``, and an older one
-(its holder is gone) is taken over. Two runs started within the same second on one bucket
+(its holder is gone) is taken over, as is a younger one whose holder ran on this host and is gone
+(a killed run resumed on the same machine). Two runs started within the same second on one bucket
 workdir can both take it (object stores have no atomic create here); after that the lease
 holder is whoever wrote last, and the other run stops at its next heartbeat.
 
@@ -42,6 +43,22 @@ def _holder_text(path: Any) -> str:
         return f"process {holder['pid']} on host {holder['host']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process"
+
+
+def _may_live(holder: dict[str, Any]) -> bool:
+    """Whether the lease's holder may still run: False for this process, and for a process of
+    this host that is gone (a killed run resumed on the same machine takes its lease at once)."""
+    if holder["host"] != socket.gethostname():
+        return True
+    if holder["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _me() -> dict[str, Any]:
@@ -100,10 +117,7 @@ class WorkdirLock:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             holder = json.loads(self.path.read_text())
             age = time.time() - float(holder["time"])
-            if age < STALE_S and (holder["host"], holder["pid"]) != (
-                socket.gethostname(),
-                os.getpid(),
-            ):
+            if age < STALE_S and _may_live(holder):
                 return (
                     f"{self.path}: the workdir is in use by {_holder_text(self.path)} (lease "
                     f"renewed {age:.0f} s ago; taken over after {STALE_S:.0f} s without renewal); "
