@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -236,6 +237,21 @@ def test_a_signal_during_the_final_save_is_handled(folder, tmp_path):
     assert "done: 3 steps" in proc.stdout
     assert _steps(tmp_path) == [3]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if "tmp" in p.name]
+
+
+def test_a_second_signal_stops_at_once_with_its_own_exit_status(monkeypatch, capsys):
+    from mae_jax import multihost
+
+    def run(args):  # a run's signal handling, without the run
+        with multihost.StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signal == signal.SIGINT  # the first is noted: save, then stop
+            os.kill(os.getpid(), signal.SIGINT)  # the second stops at once
+            raise AssertionError("the second signal did not stop the run")
+
+    monkeypatch.setattr(cli, "_run_pretrain", run)
+    assert cli.main(["pretrain"]) == cli.EXIT_STOPPED == 130
+    assert capsys.readouterr().err == "mae-jax: interrupted; stopped without saving\n"
 
 
 # --------------------------------------------------------------------------- going back
