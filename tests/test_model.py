@@ -212,7 +212,7 @@ def test_encoder_ignores_masked_pixels_exactly(tiny):
     imgs = _images()
     noise = jax.random.uniform(jax.random.key(9), (2, 64))
     masks = masking.masking_from_noise(noise, 0.75)
-    grad = jax.grad(lambda x: tiny.forward_encoder(x, masks).sum())(imgs)
+    grad = jax.jit(jax.grad(lambda x: tiny.forward_encoder(x, masks).sum()))(imgs)
     per_patch = np.abs(np.asarray(mae_jax.patchify(grad, 4))).max(-1)
     removed = np.asarray(masks.mask) == 1
     assert per_patch[removed].max() == 0.0
@@ -256,7 +256,8 @@ def test_official_initialization():
 
 
 def test_position_tables_are_not_parameters(tiny):
-    grads = nnx.grad(lambda mdl: mdl(_images(), key=jax.random.key(0))[0])(tiny)
+    # compiled: op by op, this one gradient took 14 s
+    grads = nnx.jit(nnx.grad(lambda mdl: mdl(_images(), key=jax.random.key(0))[0]))(tiny)
     paths = {p[0] for p, _ in nnx.to_flat_state(grads)}
     assert "pos_embed" not in paths and "decoder_pos_embed" not in paths and "cls_token" in paths
     full = {p[0] for p, _ in nnx.to_flat_state(nnx.state(tiny))}
@@ -275,7 +276,7 @@ def test_bfloat16_compute_keeps_float32_params(tiny):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m)))
     imgs = _images()
     noise = jax.random.uniform(jax.random.key(0), (2, 64))
-    lo, _, _ = m(imgs, noise=noise)
+    lo = nnx.jit(lambda m, x, z: m(x, noise=z)[0])(m, imgs, noise)
     hi, _, _ = tiny(imgs, noise=noise)
     assert lo.dtype == jnp.float32
     assert abs(float(lo) - float(hi)) < 0.02 * float(hi)
