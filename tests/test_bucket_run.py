@@ -1,5 +1,5 @@
 """Pretraining with its run in a bucket: one-line refusals, and the checkpoint listing the
-two-host bucket test (tests/test_multihost.py) waits on."""
+two-host bucket test (tests/test_multihost_resume.py) waits on."""
 
 from __future__ import annotations
 
