@@ -274,13 +274,13 @@ def build_step(
     seed: int = 0,
 ) -> StepBuild:
     """The pretraining step of ``preset`` under ``jax.shard_map`` over ``mesh`` (one axis named
-    ``train.AXIS``): parameters replicated, the optimizer state replicated or, with ``zero``,
-    split over the devices (ZeRO-1, ``train.OptimizerShards``), uint8 images split on the batch
+    ``replication.AXIS``): parameters replicated, the optimizer state replicated or, with ``zero``,
+    split over the devices (ZeRO-1, ``pretrain_step.OptimizerShards``), uint8 images split on the batch
     axis. Parameters and optimizer state are donated, as in training.
 
     With ``concrete=False`` nothing is materialized: the model comes from ``nnx.eval_shape`` and
     every argument is a ShapeDtypeStruct, so planning ViT-H costs no memory. This is the only
-    place that knows the step's signature, ``train.make_train_step``'s
+    place that knows the step's signature, ``pretrain_step.make_train_step``'s
     ``step(params, opt_state, fixed, imgs_uint8 [accum, b, H, W, 3], key, step, lr)``.
     """
     import jax
@@ -290,7 +290,7 @@ def build_step(
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from mae_jax import optim, train
+    from mae_jax import optim, pretrain_step, replication
     from mae_jax.config import get_config
 
     config = get_config(preset, norm_pix_loss=True)
@@ -300,13 +300,13 @@ def build_step(
     global_batch = per_chip_batch * n_dev
     accum_iter = 1
     abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(seed)))
-    graphdef, abstract_params, abstract_fixed = train.split_model(abstract_model)
+    graphdef, abstract_params, abstract_fixed = pretrain_step.split_model(abstract_model)
     decay_mask = optim.pretrain_decay_mask(abstract_params)
     tx = optim.pretrain_direction(
         weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1], mask=decay_mask
     )
-    shards = train.OptimizerShards(abstract_params, n_dev) if zero else None
-    step_fn = train.make_train_step(
+    shards = pretrain_step.OptimizerShards(abstract_params, n_dev) if zero else None
+    step_fn = pretrain_step.make_train_step(
         graphdef, tx, mask_ratio=MASK_RATIO, num_patches=config.num_patches, shards=shards
     )
 
@@ -315,10 +315,10 @@ def build_step(
     local_opt = jax.eval_shape(tx.init, shards.template() if zero else abstract_params)
 
     def opt_spec(leaf):
-        return P(train.AXIS) if zero and leaf.ndim >= 1 else P()
+        return P(replication.AXIS) if zero and leaf.ndim >= 1 else P()
 
     opt_specs = jax.tree.map(opt_spec, local_opt)
-    image_spec = P(None, train.AXIS)
+    image_spec = P(None, replication.AXIS)
     in_specs = (P(), opt_specs, P(), image_spec, P(), P(), P())
     # check_vma=False: the step is written for pmap, where replication is not tracked; its outputs
     # are replicated by construction (averaged gradients, or all-gathered slices under ZeRO-1),
@@ -343,7 +343,7 @@ def build_step(
     if concrete:
 
         def init():
-            _, params, fixed = train.split_model(make_model(nnx.Rngs(seed)))
+            _, params, fixed = pretrain_step.split_model(make_model(nnx.Rngs(seed)))
             opt_state = tx.init(params)
             if zero:  # zero slices, as a fresh run's AdamW moments are zero anyway
                 opt_state = jax.tree.map(

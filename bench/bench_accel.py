@@ -78,9 +78,9 @@ def run_jax(preset: str, args: argparse.Namespace, device) -> dict:
     import jax
     import numpy as np
 
-    from mae_jax import train
+    from mae_jax import replication
 
-    mesh = jax.sharding.Mesh(np.array([device]), (train.AXIS,))
+    mesh = jax.sharding.Mesh(np.array([device]), (replication.AXIS,))
     build = _accel.build_step(
         preset, args.batch, dtype=args.dtype, remat=args.remat, mesh=mesh, concrete=True
     )

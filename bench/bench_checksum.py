@@ -26,10 +26,10 @@ def host_state(preset: str) -> tuple[dict, dict]:
     from flax import nnx
 
     import mae_jax
-    from mae_jax import optim, train
+    from mae_jax import optim, pretrain_step
 
     model = nnx.eval_shape(lambda: mae_jax.create_model(preset, rngs=nnx.Rngs(0)))
-    _, params, fixed = train.split_model(model)
+    _, params, fixed = pretrain_step.split_model(model)
     opt_state = jax.eval_shape(optim.pretrain_direction().init, params)
 
     def fill(x):

@@ -4,9 +4,9 @@ Run from the repository root:
 
     python bench/bench_host.py [--sizes base,large,huge] [--calls 30] [--bare-calls 200]
 
-For each size it prints the host time of one call of ``train.make_p_train_step``'s step, called
+For each size it prints the host time of one call of ``pretrain_step.make_p_train_step``'s step, called
 the way ``train.pretrain``'s loop calls it (params, optimizer state and fixed tables as the
-``nnx.State`` trees that ``train.replicate`` lays out, uint8 images, the base key, the micro-step
+``nnx.State`` trees that ``replication.replicate`` lays out, uint8 images, the base key, the micro-step
 as a Python int, the lr as a NumPy scalar), beside:
 
 - the same for a bare pmapped function of the same leaves as plain dicts (same in_axes, same
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _zeros_on_devices(tree, n_dev: int):
     """Zeros shaped like the abstract ``tree``, with a leading device axis, laid out by a pmap
-    (as ``train.replicate``'s copies are) and made on the devices, not copied from the host."""
+    (as ``replication.replicate``'s copies are) and made on the devices, not copied from the host."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -102,14 +102,14 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     import numpy as np
     from flax import nnx
 
-    from mae_jax import optim, train
+    from mae_jax import optim, pretrain_step
     from mae_jax.config import get_config
     from mae_jax.model import MaskedAutoencoderViT
 
     n_dev = 1
     config = get_config(preset, norm_pix_loss=True)
     abstract = nnx.eval_shape(lambda: MaskedAutoencoderViT(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params, abstract_fixed = train.split_model(abstract)
+    graphdef, abstract_params, abstract_fixed = pretrain_step.split_model(abstract)
     tx = optim.pretrain_direction(mask=optim.pretrain_decay_mask(abstract_params))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     leaves = len(jax.tree.leaves((abstract_params, abstract_opt, abstract_fixed)))
@@ -136,7 +136,7 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     del p, o
 
     # The real step, called as train.pretrain calls it.
-    step_fn = train.make_p_train_step(graphdef, tx, 0.75, config.num_patches)
+    step_fn = pretrain_step.make_p_train_step(graphdef, tx, 0.75, config.num_patches)
     params, opt_state, fixed = _zeros_on_devices(
         (abstract_params, abstract_opt, abstract_fixed), n_dev
     )

@@ -9,7 +9,7 @@ One step is forward + backward + AdamW update (betas 0.9/0.95, weight decay 0.05
 with more than one dimension that is not a bias), mask ratio 0.75, norm_pix_loss on.
 
 1. Sanity check: the loss and gradient norm of the first batch, same weights, images and masking
-   noise on both sides (mae_jax through ``train.loss_and_grads``, HF through ``noise=``).
+   noise on both sides (mae_jax through ``pretrain_step.loss_and_grads``, HF through ``noise=``).
 2. Time per step, repetitions alternating between mae_jax (``make_p_train_step`` on the single
    local device: the real training step, images passed as host NumPy as the training loop does)
    and torch with SDPA and with eager attention. ``--breakdown`` also times forward, forward +
@@ -87,11 +87,11 @@ def jax_setup(config, dtype_name: str, lr: float, seed: int = 0):
     from flax import nnx
 
     import mae_jax
-    from mae_jax import optim, train
+    from mae_jax import optim, pretrain_step
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
     model = mae_jax.create_model(config, rngs=nnx.Rngs(seed), dtype=dtype)
-    graphdef, params, fixed = train.split_model(model)
+    graphdef, params, fixed = pretrain_step.split_model(model)
     # The step takes the lr as an argument (JaxTrainer passes it), as train.pretrain does.
     tx = optim.pretrain_direction(weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1])
     return model, graphdef, params, fixed, tx, tx.init(params)
@@ -105,22 +105,22 @@ class JaxTrainer:
     ):
         import jax
 
-        from mae_jax import train
+        from mae_jax import pretrain_step, replication
 
         self.n_dev = jax.local_device_count()
-        self.params = train.replicate(params, self.n_dev)
-        self.opt_state = train.replicate(opt_state, self.n_dev)
-        self.fixed = train.replicate(fixed, self.n_dev)
-        self.p_step = train.make_p_train_step(graphdef, tx, MASK_RATIO, num_patches)
+        self.params = replication.replicate(params, self.n_dev)
+        self.opt_state = replication.replicate(opt_state, self.n_dev)
+        self.fixed = replication.replicate(fixed, self.n_dev)
+        self.p_step = pretrain_step.make_p_train_step(graphdef, tx, MASK_RATIO, num_patches)
         self.key = jax.random.key(seed)
         self.lr = np.float32(lr)
         self.step_count = 0
 
     def _args(self, imgs_NxHxWxC: np.ndarray) -> tuple:
-        from mae_jax import train
+        from mae_jax import replication
 
         # [devices, 1 micro-batch, b, H, W, C]; float images are taken as normalised already.
-        batch = train.shard_batch(imgs_NxHxWxC, self.n_dev)[:, None]
+        batch = replication.shard_batch(imgs_NxHxWxC, self.n_dev)[:, None]
         step = np.int32(self.step_count)
         return self.params, self.opt_state, self.fixed, batch, self.key, step, self.lr
 
@@ -350,7 +350,7 @@ def breakdown_runs(
     import torch
     from flax import nnx
 
-    from mae_jax import train
+    from mae_jax import pretrain_step
 
     imgs_j, noise_j = jax.numpy.asarray(imgs), jax.numpy.asarray(noise)
 
@@ -358,7 +358,9 @@ def breakdown_runs(
     def forward(params, fixed, imgs, noise):
         return nnx.merge(graphdef, params, fixed)(imgs, noise=noise, mask_ratio=MASK_RATIO)[0]
 
-    grads_fn = jax.jit(functools.partial(train.loss_and_grads, graphdef, mask_ratio=MASK_RATIO))
+    grads_fn = jax.jit(
+        functools.partial(pretrain_step.loss_and_grads, graphdef, mask_ratio=MASK_RATIO)
+    )
 
     @jax.jit
     def update(grads, opt_state, params):  # not donating: one extra copy of params and state
@@ -401,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import mae_jax
     from convert.mapping import official_from_state
-    from mae_jax import optim, train
+    from mae_jax import optim, pretrain_step
     from mae_jax.checkpoint import state_as_numpy
 
     torch.set_num_threads(args.threads)
@@ -458,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # ---------------------------------------------------------------- 1. sanity check
-    sanity_fn = jax.jit(functools.partial(train.loss_and_grads, graphdef, mask_ratio=MASK_RATIO))
+    sanity_fn = jax.jit(
+        functools.partial(pretrain_step.loss_and_grads, graphdef, mask_ratio=MASK_RATIO)
+    )
     loss_j, grads_j = sanity_fn(params, fixed, jax.numpy.asarray(imgs), jax.numpy.asarray(noise))
     loss_j, norm_j = float(loss_j), float(optax.tree.norm(grads_j))
     del grads_j

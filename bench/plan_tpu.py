@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_axis() -> str:
-    from mae_jax import train
+    from mae_jax import replication
 
-    return train.AXIS
+    return replication.AXIS
 
 
 def _libtpu_version() -> str:

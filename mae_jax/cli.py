@@ -33,8 +33,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mae_jax.data import DataError
     from mae_jax.model import MissingDecoderError
     from mae_jax.multihost import HostMismatchError
+    from mae_jax.run_config import TrainingError
     from mae_jax.run_settings import SettingsError
-    from mae_jax.train import TrainingError
     from mae_jax.visualize import PanelInputError
 
     return (
@@ -136,14 +136,14 @@ def _add_pretrain(sub) -> None:
 def _run_pretrain(args) -> int:
     import jax
 
-    from mae_jax import train
+    from mae_jax import run_config, train
 
     _start_distributed(args)
-    base = train.PretrainConfig()
+    base = run_config.PretrainConfig()
     if args.data is None and args.preset is None and args.config is None:
-        base = train.PretrainConfig(**_embedded_default())
+        base = run_config.PretrainConfig(**_embedded_default())
     changes = {"data": args.data, "preset": args.preset, "dtype": args.dtype}
-    config = _settings(train.PretrainConfig, base, args, changes, train.TrainingError)
+    config = _settings(run_config.PretrainConfig, base, args, changes, run_config.TrainingError)
     workdir = args.workdir or ("runs/demo" if config.data is None else "runs/pretrain")
     print(
         f"pretraining {config.preset} on {config.data or 'the bundled sample photographs'} "
@@ -220,7 +220,7 @@ def _add_finetune(sub, mode: str) -> None:
 def _run_finetune(args) -> int:
     import jax
 
-    from mae_jax import finetune
+    from mae_jax import finetune, run_config
 
     _start_distributed(args)
     changes = {
@@ -233,7 +233,11 @@ def _run_finetune(args) -> int:
         "dtype": args.dtype,
     }
     config = _settings(
-        finetune.FinetuneConfig, finetune.FinetuneConfig(), args, changes, finetune.TrainingError
+        run_config.FinetuneConfig,
+        run_config.FinetuneConfig(),
+        args,
+        changes,
+        run_config.TrainingError,
     )
     print(
         f"{args.mode}: {config.preset} on {config.data} from {config.init or 'scratch'} over "
@@ -441,8 +445,9 @@ def _add_export(sub) -> None:
 
 def _run_export(args) -> int:
     from mae_jax.checkpoint import save_model
+    from mae_jax.loading import load_trained_model
     from mae_jax.normalization import as_metadata
-    from mae_jax.train import TrainingError, load_trained_model
+    from mae_jax.run_config import TrainingError
 
     workdir = run_path(args.workdir)
     with naming(workdir):

@@ -1,9 +1,9 @@
 """Fine-tuning and linear probing of an MAE encoder, with the official recipes.
 
-The structure follows ``mae_jax/train.py``: a run's configuration; a pure per-device step wrapped
-in ``jax.pmap`` in one place (``make_p_classify_step``); the loop, which reuses pretraining's
-checkpoints, interruption handling and metrics, and evaluates on the validation folder after
-every epoch.
+The structure follows pretraining (``mae_jax/train.py``): the run's settings are
+``mae_jax.run_config.FinetuneConfig``; a pure per-device step is wrapped in ``jax.pmap`` in one
+place (``make_p_classify_step``); the loop uses the machinery pretraining uses (``run_loop``,
+``run_checkpoints``, ``run_metrics``) and evaluates on the validation folder after every epoch.
 
 Fine-tuning (FINETUNE.md): AdamW (0.9, 0.999), layer-wise lr decay, drop path, RandAugment
 rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0 with label smoothing 0.1,
@@ -16,7 +16,6 @@ augmentation (random resized crop and flip).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time
@@ -38,125 +37,28 @@ from mae_jax.classifier import (
 from mae_jax.config import get_vit_config
 from mae_jax.evaluate import evaluate
 from mae_jax.normalization import Normalization, as_metadata
+from mae_jax.replication import AXIS, replicate, shard_batch, unreplicate
 from mae_jax.run_checkpoints import Checkpoints
-from mae_jax.run_metrics import MetricsLog
-from mae_jax.run_settings import check_settings, compare_with_saved, write_settings
-from mae_jax.train import (
-    AXIS,
+from mae_jax.run_config import (
+    FinetuneConfig,
     TrainingError,
-    _close_run,
-    _crossed,
-    _progress,
-    _save_or_stop,
-    apply_overrides,
-    check_finite,
     compute_dtype,
-    make_workdir,
     model_from_preset,
     normalization_for,
-    plan_steps,
-    replicate,
-    resume_run,
-    shard_batch,
-    tuples_from_json,
-    unreplicate,
 )
+from mae_jax.run_loop import (
+    check_finite,
+    close_run,
+    crossed,
+    make_workdir,
+    plan_steps,
+    progress_bar,
+    resume_run,
+    save_or_stop,
+)
+from mae_jax.run_metrics import MetricsLog
+from mae_jax.run_settings import check_settings, compare_with_saved, write_settings
 from mae_jax.workdir_lock import WorkdirLock
-
-# The published recipes (FINETUNE.md); base-size lines differ from large/huge.
-_FINETUNE_RECIPES = {
-    "vit_base_patch16": dict(blr=5e-4, layer_decay=0.65, drop_path=0.1, epochs=100),
-    "vit_large_patch16": dict(blr=1e-3, layer_decay=0.75, drop_path=0.2, epochs=50),
-    "vit_huge_patch14": dict(blr=1e-3, layer_decay=0.75, drop_path=0.3, epochs=50),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
-    """A fine-tuning or linear-probing run. ``None`` fields take the published recipe's value for
-    the preset and mode (see ``resolved``)."""
-
-    mode: str = "finetune"  # or "linprobe"
-    preset: str = "vit_base_patch16"
-    data: str = ""  # training ImageFolder (class sub-folders)
-    val: str | None = None  # validation ImageFolder
-    init: str | None = None  # MAE or classifier checkpoint, or pretraining workdir; None: scratch
-    reset_head: bool = False  # with a classifier init: a new head instead of the checkpoint's
-    img_size: int | None = None
-    batch_size: int = 32  # per device
-    accum_iter: int = 1
-    epochs: int | None = None
-    warmup_epochs: int | None = None
-    blr: float | None = None
-    lr: float | None = None
-    min_lr: float | None = None
-    weight_decay: float | None = None
-    layer_decay: float | None = None
-    drop_path: float | None = None
-    smoothing: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    auto_augment: str = "rand-m9-mstd0.5-inc1"
-    reprob: float = 0.25
-    global_pool: bool | None = None
-    seed: int = 0
-    dtype: str = "auto"  # auto: bfloat16 on GPU and TPU, float32 on CPU (as pretraining)
-    max_steps: int | None = None
-    log_every: int = 20
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 2
-    restore_step: int | None = None  # resume from this checkpoint instead of the newest
-    read_threads: int = 16
-    worker_count: int = -1  # loader processes; -1: one per core but one; 0: threads only
-    # The preset's sizes changed (`--set model.KEY=VALUE`, ViTConfig fields). With --init, the
-    # encoder's sizes and head count come from the checkpoint unless set here.
-    model: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Pixel normalisation per input channel (comma-separated in --set). None: what --init's
-    # checkpoint records, else ImageNet's for RGB and (0.449,), (0.226,) for grayscale.
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-
-    def resolved(self) -> FinetuneConfig:
-        """The config with every ``None`` recipe field filled in."""
-        if self.mode not in ("finetune", "linprobe"):
-            raise TrainingError(f"mode must be finetune or linprobe, got {self.mode!r}")
-        if self.mode == "finetune":
-            recipe = dict(
-                _FINETUNE_RECIPES.get(self.preset, _FINETUNE_RECIPES["vit_base_patch16"]),
-                warmup_epochs=5,
-                min_lr=1e-6,
-                weight_decay=0.05,
-                global_pool=True,
-            )
-        else:  # main_linprobe.py defaults
-            recipe = dict(
-                blr=0.1,
-                epochs=90,
-                warmup_epochs=10,
-                min_lr=0.0,
-                weight_decay=0.0,
-                layer_decay=1.0,
-                drop_path=0.0,
-                global_pool=False,
-            )
-        fills = {k: v for k, v in recipe.items() if getattr(self, k) is None}
-        return dataclasses.replace(self, **fills)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise TrainingError(f"unknown fine-tuning settings: {', '.join(unknown)}")
-        return cls(**tuples_from_json(d))
-
-    def with_overrides(self, assignments: list[str]) -> FinetuneConfig:
-        return apply_overrides(self, assignments, get_vit_config("vit_base_patch16"))
-
 
 # --------------------------------------------------------------------------- models
 
@@ -485,7 +387,7 @@ def _finetune_with_data(
 
     is_main = jax.process_index() == 0
     log = MetricsLog(workdir, enabled=is_main, resumed_at=step or None)
-    bar = _progress(progress and is_main, total_steps, step)
+    bar = progress_bar(progress and is_main, total_steps, step)
     window: list[float] = []  # losses of the optimizer steps since the last log line
     window_steps = 0  # their micro-steps
     t_window = time.perf_counter()
@@ -549,7 +451,7 @@ def _finetune_with_data(
             window.append(loss)
             window_steps += count
             bar.update(count)
-            if _crossed(before, step, config.log_every) or step == total_steps:
+            if crossed(before, step, config.log_every) or step == total_steps:
                 now = time.perf_counter()
                 record = {
                     "step": step,
@@ -567,10 +469,10 @@ def _finetune_with_data(
                 window, window_steps, t_window = [], 0, now
             if step % used_per_epoch == 0:
                 validate(epoch)
-            if _save_or_stop(before, step, total_steps, config, ckpts, save, stop, summary):
+            if save_or_stop(before, step, total_steps, config, ckpts, save, stop, summary):
                 break
     finally:
-        _close_run(ckpts, bar, log)
+        close_run(ckpts, bar, log)
     summary.update(end_step=step, total_steps=total_steps, skipped_images=loader.num_skipped)
     if summary["interrupted"] is None and is_main:
         m = current_model()

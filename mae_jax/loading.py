@@ -1,15 +1,22 @@
-"""``load_pretrained``: the model a path names, whichever kind of directory it is (a converted or
-exported checkpoint, a finished fine-tuning run, a pretraining run's latest step)."""
+"""What a path holds: ``load_pretrained``, the model a path names, whichever kind of directory it
+is (a converted or exported checkpoint, a finished fine-tuning run, a pretraining run's latest
+step), and ``load_trained_model``, the model of a pretraining run's newest good checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
-from mae_jax._files import naming
+from mae_jax._files import naming, run_path
+from mae_jax.checkpoint import checkpoint_dir, load_model
+from mae_jax.model import MaskedAutoencoderViT
+from mae_jax.pretrain_step import split_model
+from mae_jax.run_checkpoints import Checkpoints
+from mae_jax.run_config import PretrainConfig, TrainingError
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx.Module:
@@ -18,12 +25,28 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx
     pretrain`` run directory: an MAE (``MaskedAutoencoderViT``, with or without decoder) or a
     fine-tuned classifier (``VisionTransformer``). ``path`` may be a bucket URL (``gs://...``).
     """
-    from mae_jax.checkpoint import checkpoint_dir, load_model
-
     with naming(path):
         directory = checkpoint_dir(path)
         if directory is None:
-            from mae_jax.train import load_trained_model
-
             return load_trained_model(path, dtype=dtype)
         return load_model(directory, dtype=dtype)
+
+
+def load_trained_model(
+    workdir: str | os.PathLike, dtype: Any = jnp.float32
+) -> MaskedAutoencoderViT:
+    """The model of the newest checkpoint of a pretraining run directory that restores and
+    matches its checksums (``Checkpoints.restore_latest``: a damaged newer step is skipped with
+    one printed line)."""
+    workdir = run_path(workdir)
+    config = PretrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+    model = MaskedAutoencoderViT(config.model_config(), rngs=nnx.Rngs(0), dtype=dtype)
+    graphdef, params, fixed = split_model(model)
+    ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
+    try:
+        found = ckpts.restore_latest({"params": params, "fixed": fixed})
+    finally:
+        ckpts.close()
+    if found is None:
+        raise TrainingError(f"{workdir}: the run has no checkpoint yet")
+    return nnx.merge(graphdef, params, fixed)

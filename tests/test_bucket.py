@@ -124,15 +124,15 @@ def test_finetune_init_from_the_bucket(checkpoints):
     """``mae-jax finetune --init gs://...``: the classifier it starts from, and the statistics."""
     import jax.numpy as jnp
 
-    from mae_jax import finetune, train
+    from mae_jax import finetune, run_config
 
     remote, local = checkpoints
     built = []
     for init in (remote, local):
         config = finetune.FinetuneConfig(preset="vit_tiny_patch4", init=init).resolved()
         built.append(finetune.build_model(config, 3, jnp.float32))
-        norm = train.normalization_for(3, None, None, init)
-        assert norm == train.normalization_for(3, None, None, local)
+        norm = run_config.normalization_for(3, None, None, init)
+        assert norm == run_config.normalization_for(3, None, None, local)
     _same_state(*built)
 
 
@@ -163,13 +163,13 @@ def _pretraining_run(run: epath.Path):
     step), made without training: one step costs about 25 s of compiling on this CPU."""
     from flax import nnx
 
-    from mae_jax import train
+    from mae_jax import pretrain_step, run_config
 
-    config = train.PretrainConfig(preset="mae_vit_tiny_patch4", data="unused")
+    config = run_config.PretrainConfig(preset="mae_vit_tiny_patch4", data="unused")
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(config.to_dict()))
     model = mae_jax.create_model("mae_vit_tiny_patch4", rngs=nnx.Rngs(3))
-    _, params, fixed = train.split_model(model)
+    _, params, fixed = pretrain_step.split_model(model)
     ckpts = run_checkpoints.Checkpoints(run, keep=1)
     ckpts.save(1, {"params": params, "fixed": fixed}, {"count": np.zeros(1)}, {"step": 1})
     ckpts.wait()

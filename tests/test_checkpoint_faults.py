@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import mae_jax
-from mae_jax import cli, multihost, train
+from mae_jax import cli, multihost, pretrain_step
 from mae_jax.run_checkpoints import CheckpointRestoreError, Checkpoints, CheckpointSaveError
 
 
@@ -36,7 +36,7 @@ class _Loader:
 def template():
     """The tiny preset's (states, opt_state) as shapes: the tests fill in the values."""
     model = nnx.eval_shape(lambda: mae_jax.create_model("mae_vit_tiny_patch4", rngs=nnx.Rngs(0)))
-    _, params, fixed = train.split_model(model)
+    _, params, fixed = pretrain_step.split_model(model)
     return {"params": params, "fixed": fixed}, jax.eval_shape(optax.adamw(1e-3).init, params)
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 from PIL import Image
 
 import mae_jax
-from mae_jax import cli, data, masking, train
+from mae_jax import cli, data, masking, pretrain_step, train
 from mae_jax.checkpoint import read_metadata
 from mae_jax.normalization import Normalization
 from mae_jax.run_settings import SettingsError
@@ -132,10 +132,10 @@ def test_a_one_channel_model_pretrains_on_grayscale_images(gray_folder, tmp_path
     n_dev = jax.local_device_count()
     imgs = _batches(gray_folder, GRAY, "float32", batch_size=n_dev, seed=cfg.seed)[0]
     model = mae_jax.MaskedAutoencoderViT(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
-    graphdef, params, fixed = train.split_model(model)
+    graphdef, params, fixed = pretrain_step.split_model(model)
     key = jax.random.fold_in(jax.random.key(cfg.seed), 0)
     # compiled once for the 8 devices' batches (op by op it took longer than the whole run)
-    loss_and_grads = jax.jit(train.loss_and_grads, static_argnums=(0, 5))
+    loss_and_grads = jax.jit(pretrain_step.loss_and_grads, static_argnums=(0, 5))
     per_device = [
         loss_and_grads(
             graphdef,

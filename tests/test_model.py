@@ -302,14 +302,14 @@ def test_materialized_gradient_is_the_identity_both_ways():
 
 
 def test_block_gradients_do_not_depend_on_the_materialization(tiny, monkeypatch):
-    from mae_jax import train
+    from mae_jax import pretrain_step
 
     imgs = _images()
     noise = jax.random.uniform(jax.random.key(0), (2, 64))
     graphdef, params, fixed = nnx.split(tiny, nnx.Param, ...)
 
     def grads():
-        f = jax.jit(lambda p: train.loss_and_grads(graphdef, p, fixed, imgs, noise, 0.75))
+        f = jax.jit(lambda p: pretrain_step.loss_and_grads(graphdef, p, fixed, imgs, noise, 0.75))
         return jax.tree.leaves(f(params))
 
     with_barrier = grads()
@@ -320,10 +320,10 @@ def test_block_gradients_do_not_depend_on_the_materialization(tiny, monkeypatch)
 
 
 def _loss_grads(model, imgs, noise):
-    from mae_jax import train
+    from mae_jax import pretrain_step
 
-    graphdef, params, fixed = train.split_model(model)
-    f = jax.jit(lambda p: train.loss_and_grads(graphdef, p, fixed, imgs, noise, 0.75))
+    graphdef, params, fixed = pretrain_step.split_model(model)
+    f = jax.jit(lambda p: pretrain_step.loss_and_grads(graphdef, p, fixed, imgs, noise, 0.75))
     return f(params)
 
 

@@ -19,7 +19,7 @@ from flax import nnx
 import mae_jax
 from mae_jax import classifier as classifier_lib
 from mae_jax import model as model_lib
-from mae_jax import optim, train
+from mae_jax import optim, pretrain_step, replication
 from tests.test_train_step import _canonical_stablehlo, _lower_step, cudnn_present  # noqa: F401
 
 PLATFORMS = ("tpu", "cuda")
@@ -144,11 +144,14 @@ def _smooth_images(n: int, seed: int) -> np.ndarray:
 def _losses(dtype, steps: int, batch: int = 16, lr: float = 2e-3):
     config = mae_jax.get_config("mae_vit_tiny_patch4")
     model = model_lib.MaskedAutoencoderViT(config, rngs=nnx.Rngs(0), dtype=dtype)
-    graphdef, params, fixed = train.split_model(model)
+    graphdef, params, fixed = pretrain_step.split_model(model)
     tx = optim.pretrain_direction()
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), (train.AXIS,))
-    step = train.make_sharded_train_step(
-        train.make_train_step(graphdef, tx, mask_ratio=0.75, num_patches=config.num_patches), mesh
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), (replication.AXIS,))
+    step = pretrain_step.make_sharded_train_step(
+        pretrain_step.make_train_step(
+            graphdef, tx, mask_ratio=0.75, num_patches=config.num_patches
+        ),
+        mesh,
     )
     one_device = jax.tree.map(lambda x: jnp.asarray(x)[None], (params, tx.init(params), fixed))
     p, o, f = one_device

@@ -20,7 +20,7 @@ from flax import nnx
 from PIL import Image
 
 import mae_jax
-from mae_jax import masking, optim, train
+from mae_jax import masking, optim, pretrain_step, replication, run_config, train
 from mae_jax.run_settings import SettingsError
 
 TINY = "mae_vit_tiny_patch4"
@@ -28,7 +28,7 @@ N_DEV = 8
 
 
 def _split(seed=0):
-    return train.split_model(mae_jax.create_model(TINY, rngs=nnx.Rngs(seed)))
+    return pretrain_step.split_model(mae_jax.create_model(TINY, rngs=nnx.Rngs(seed)))
 
 
 def _global_noise(key, step, per_device, num_patches):
@@ -49,19 +49,21 @@ def test_pmap_grads_equal_single_device_on_the_global_batch():
     imgs = jax.random.normal(jax.random.key(1), (N_DEV * 2, 32, 32, 3))
     key, step = jax.random.key(7), 3
     p_grads = jax.pmap(
-        functools.partial(train.device_grads, graphdef=graphdef, mask_ratio=0.75, num_patches=64),
-        axis_name=train.AXIS,
+        functools.partial(
+            pretrain_step.device_grads, graphdef=graphdef, mask_ratio=0.75, num_patches=64
+        ),
+        axis_name=replication.AXIS,
         in_axes=(0, 0, 0, None, None),
     )
     loss_p, grads_p = p_grads(
-        train.replicate(params, N_DEV),
-        train.replicate(fixed, N_DEV),
-        train.shard_batch(imgs, N_DEV),
+        replication.replicate(params, N_DEV),
+        replication.replicate(fixed, N_DEV),
+        replication.shard_batch(imgs, N_DEV),
         key,
         step,
     )
     noise = _global_noise(key, step, 2, 64)
-    loss_1, grads_1 = train.loss_and_grads(graphdef, params, fixed, imgs, noise, 0.75)
+    loss_1, grads_1 = pretrain_step.loss_and_grads(graphdef, params, fixed, imgs, noise, 0.75)
     np.testing.assert_allclose(loss_p, np.full(N_DEV, loss_1), rtol=1e-6)
     for gp, g1 in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_1), strict=True):
         np.testing.assert_allclose(gp, np.broadcast_to(g1, gp.shape), rtol=0, atol=1e-6)
@@ -73,11 +75,11 @@ def test_pmap_grads_equal_single_device_on_the_global_batch():
 def test_replicas_stay_identical_and_steps_draw_new_masks():
     graphdef, params, fixed = _split()
     tx = optim.pretrain_direction()
-    step_fn = train.make_p_train_step(graphdef, tx, 0.75, 64)
-    p = train.replicate(params, N_DEV)
-    o = train.replicate(tx.init(params), N_DEV)
-    f = train.replicate(fixed, N_DEV)
-    imgs = train.shard_batch(
+    step_fn = pretrain_step.make_p_train_step(graphdef, tx, 0.75, 64)
+    p = replication.replicate(params, N_DEV)
+    o = replication.replicate(tx.init(params), N_DEV)
+    f = replication.replicate(fixed, N_DEV)
+    imgs = replication.shard_batch(
         np.asarray(jax.random.normal(jax.random.key(2), (16, 32, 32, 3))), N_DEV
     )[:, None]  # one micro-batch per optimizer step
     losses = []
@@ -128,7 +130,7 @@ def _cfg(data, **kw):
         seed=0,
     )
     base.update(kw)
-    return train.PretrainConfig(**base)
+    return run_config.PretrainConfig(**base)
 
 
 def _losses(workdir: Path) -> list[float]:
@@ -201,7 +203,7 @@ def test_a_changed_setting_is_refused_on_resume(folder, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(folder, tmp_path):
     with pytest.raises(
-        train.TrainingError,
+        run_config.TrainingError,
         match=r"(loss|gradient norm) is (nan|inf|-inf) at step \d+.*last good checkpoint \(step \d+\) is intact",
     ):
         train.pretrain(
@@ -288,7 +290,7 @@ def test_device_batches_run_ahead_in_order_and_drop_epoch_tails():
     first = next(batches)
     assert loader.calls == 7  # this step's batch and two more already sent: 0-3, (4 dropped), 5-6
     assert first.images.shape == (N_DEV, 2, 2, 2, 2, 3) and first.images.dtype == np.uint8
-    assert first.images.sharding.spec == jax.sharding.PartitionSpec(train.AXIS)
+    assert first.images.sharding.spec == jax.sharding.PartitionSpec(replication.AXIS)
     assert len(first.images.sharding.device_set) == N_DEV
     assert first.data_state == {"next": 2} and first.epoch == 0
     seen = [first] + [next(batches) for _ in range(3)]

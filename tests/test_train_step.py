@@ -13,7 +13,7 @@ from flax import nnx
 
 import mae_jax
 from mae_jax import model as model_lib
-from mae_jax import optim, train
+from mae_jax import optim, pretrain_step, replication
 
 TINY = "mae_vit_tiny_patch4"
 N_DEV = 8
@@ -22,7 +22,7 @@ PER_DEVICE = 2
 
 def _split(dtype=jnp.float32, **kw):
     config = mae_jax.get_config(TINY)
-    return train.split_model(
+    return pretrain_step.split_model(
         model_lib.MaskedAutoencoderViT(config, rngs=nnx.Rngs(0), dtype=dtype, **kw)
     )
 
@@ -42,22 +42,26 @@ def _reference_run(micro_imgs, accum):
     graphdef, params, fixed = _split()
     tx = optim.make_pretrain_optimizer(SCHEDULE, accum_steps=accum)
     grads_fn = jax.pmap(
-        functools.partial(train.device_grads, graphdef=graphdef, mask_ratio=0.75, num_patches=64),
-        axis_name=train.AXIS,
+        functools.partial(
+            pretrain_step.device_grads, graphdef=graphdef, mask_ratio=0.75, num_patches=64
+        ),
+        axis_name=replication.AXIS,
         in_axes=(0, 0, 0, None, None),
     )
     update = jax.pmap(tx.update, in_axes=(0, 0, 0))
-    p, f = train.replicate(params, N_DEV), train.replicate(fixed, N_DEV)
-    o = train.replicate(tx.init(params), N_DEV)
+    p, f = replication.replicate(params, N_DEV), replication.replicate(fixed, N_DEV)
+    o = replication.replicate(tx.init(params), N_DEV)
     losses = []
     for s, imgs in enumerate(micro_imgs):
-        normalized = np.asarray(train.to_model_input(jnp.asarray(imgs)))
-        loss, grads = grads_fn(p, f, train.shard_batch(normalized, N_DEV), jax.random.key(5), s)
+        normalized = np.asarray(pretrain_step.to_model_input(jnp.asarray(imgs)))
+        loss, grads = grads_fn(
+            p, f, replication.shard_batch(normalized, N_DEV), jax.random.key(5), s
+        )
         updates, o = update(grads, o, p)
         p = jax.tree.map(lambda a, u: a + u, p, updates)
         losses.append(float(loss[0]))
     per_update = np.asarray(losses).reshape(-1, accum).mean(axis=1)
-    return train.unreplicate(p), per_update
+    return replication.unreplicate(p), per_update
 
 
 def _new_run(micro_imgs, accum, shard_optimizer=False):
@@ -65,23 +69,23 @@ def _new_run(micro_imgs, accum, shard_optimizer=False):
     mask = optim.pretrain_decay_mask(params)
     tx = optim.pretrain_direction(mask=mask)
     full = tx.init(params)
-    shards = train.OptimizerShards(params, N_DEV) if shard_optimizer else None
+    shards = pretrain_step.OptimizerShards(params, N_DEV) if shard_optimizer else None
     if shards is None:
-        o = train.replicate(full, N_DEV)
+        o = replication.replicate(full, N_DEV)
     else:
         o = shards.shard(full, tx.init(shards.template()))
-    step_fn = train.make_p_train_step(graphdef, tx, 0.75, 64, shards)
-    p, f = train.replicate(params, N_DEV), train.replicate(fixed, N_DEV)
+    step_fn = pretrain_step.make_p_train_step(graphdef, tx, 0.75, 64, shards)
+    p, f = replication.replicate(params, N_DEV), replication.replicate(fixed, N_DEV)
     lr_table = np.asarray(jax.jit(SCHEDULE)(np.arange(len(micro_imgs) // accum)))
     losses, norms = [], []
     for u in range(len(micro_imgs) // accum):
         group = micro_imgs[u * accum : (u + 1) * accum]
-        imgs = np.stack([train.shard_batch(x, N_DEV) for x in group], axis=1)
+        imgs = np.stack([replication.shard_batch(x, N_DEV) for x in group], axis=1)
         p, o, metrics = step_fn(p, o, f, imgs, jax.random.key(5), u * accum, lr_table[u])
         losses.append(float(metrics["loss"][0]))
         norms.append(float(metrics["grad_norm"][0]))
-    opt_host = train.unreplicate(o) if shards is None else shards.unshard(o, full)
-    return train.unreplicate(p), np.asarray(losses), np.asarray(norms), opt_host
+    opt_host = replication.unreplicate(o) if shards is None else shards.unshard(o, full)
+    return replication.unreplicate(p), np.asarray(losses), np.asarray(norms), opt_host
 
 
 def _assert_params_close(a, b, rtol, atol):
@@ -140,9 +144,9 @@ def test_accumulation_all_reduces_once_per_update():
     on the device and reduced once."""
     graphdef, params, fixed = _split()
     tx = optim.pretrain_direction()
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), (train.AXIS,))
-    step = train.make_sharded_train_step(
-        train.make_train_step(graphdef, tx, mask_ratio=0.75, num_patches=64), mesh
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), (replication.AXIS,))
+    step = pretrain_step.make_sharded_train_step(
+        pretrain_step.make_train_step(graphdef, tx, mask_ratio=0.75, num_patches=64), mesh
     )
     counts = []
     for accum in (1, 4):
@@ -165,7 +169,7 @@ def test_sharded_optimizer_matches_the_replicated_update(runs):
 def test_optimizer_shards_round_trip_and_split_the_state():
     _, params, _ = _split()
     tx = optim.pretrain_direction()
-    shards = train.OptimizerShards(params, N_DEV)
+    shards = pretrain_step.OptimizerShards(params, N_DEV)
     full = jax.tree.map(
         lambda x: np.random.default_rng(0).normal(size=np.shape(x)).astype(x.dtype), tx.init(params)
     )
@@ -215,9 +219,9 @@ def cudnn_present(monkeypatch):
 def _lower_step(platform, dtype, remat="none"):
     graphdef, params, fixed = _split(dtype=dtype, remat=remat)
     tx = optim.pretrain_direction()
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), (train.AXIS,))
-    step = train.make_sharded_train_step(
-        train.make_train_step(graphdef, tx, mask_ratio=0.75, num_patches=64), mesh
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), (replication.AXIS,))
+    step = pretrain_step.make_sharded_train_step(
+        pretrain_step.make_train_step(graphdef, tx, mask_ratio=0.75, num_patches=64), mesh
     )
     args = _abstract_args(params, tx.init(params), fixed, accum=1)
     return _canonical_stablehlo(step.trace(*args).lower(lowering_platforms=(platform,)))
