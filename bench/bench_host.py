@@ -5,8 +5,8 @@ Run from the repository root:
     python bench/bench_host.py [--sizes base,large,huge] [--calls 30] [--bare-calls 200]
 
 For each size it prints the host time of one call of ``pretrain_step.make_p_train_step``'s step, called
-the way ``train.pretrain``'s loop calls it (params, optimizer state and fixed tables as the
-``nnx.State`` trees that ``replication.replicate`` lays out, uint8 images, the base key, the micro-step
+the way ``train.pretrain``'s loop calls it (params, optimizer state and fixed tables as the plain
+nested dicts that ``replication.replicate`` lays out, uint8 images, the base key, the micro-step
 as a Python int, the lr as a NumPy scalar), beside:
 
 - the same for a bare pmapped function of the same leaves as plain dicts (same in_axes, same
@@ -109,7 +109,8 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     n_dev = 1
     config = get_config(preset, norm_pix_loss=True)
     abstract = nnx.eval_shape(lambda: MaskedAutoencoderViT(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params, abstract_fixed = pretrain_step.split_model(abstract)
+    graphdef, param_states, fixed_states = pretrain_step.split_model(abstract)
+    abstract_params, abstract_fixed = plain((param_states, fixed_states))
     tx = optim.pretrain_direction(mask=optim.pretrain_decay_mask(abstract_params))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     leaves = len(jax.tree.leaves((abstract_params, abstract_opt, abstract_fixed)))
@@ -122,9 +123,7 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
         in_axes=(0, 0, 0, 0, None, None, None),
         donate_argnums=(0, 1),
     )
-    p, o, bare_fixed = _zeros_on_devices(
-        plain((abstract_params, abstract_opt, abstract_fixed)), n_dev
-    )
+    p, o, bare_fixed = _zeros_on_devices((abstract_params, abstract_opt, abstract_fixed), n_dev)
 
     def bare_call(state):
         p, o, step = state

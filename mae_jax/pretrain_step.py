@@ -308,8 +308,8 @@ class TrainState:
     """Host-side handle on the replicated training state."""
 
     graphdef: nnx.GraphDef
-    params: nnx.State  # replicated: leading device axis
-    fixed: nnx.State  # replicated fixed tables (position embeddings)
+    params: dict  # replicated (leading device axis), plain nested dicts (nnx.to_pure_dict)
+    fixed: dict  # replicated fixed tables (position embeddings), plain nested dicts
     opt_state: optax.OptState  # replicated
     step: int  # micro-steps done
 

@@ -142,6 +142,12 @@ class _DropClosedLoopCallbacks:
             self.previous(unraisable)
 
 
+def _pure(state: Any) -> Any:
+    """An ``nnx.State`` as its plain nested dict; a plain dict (the pretraining step's state) as
+    it is. Both are saved alike."""
+    return nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
+
+
 def _flat_leaves(tree: Any) -> dict[str, np.ndarray]:
     return {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
 
@@ -190,15 +196,13 @@ class Checkpoints:
 
     # ------------------------------------------------------------------------- saving
 
-    def save(
-        self, step: int, states: dict[str, nnx.State], opt_state: Any, meta: dict[str, Any]
-    ) -> None:
+    def save(self, step: int, states: dict[str, Any], opt_state: Any, meta: dict[str, Any]) -> None:
         """Save host copies of ``states`` and ``opt_state`` (see ``unreplicate``) as ``step``,
         with the CRC-32 of every array in its meta. Returns once the arrays are handed to the
         background write; CheckpointSaveError when this save or an earlier one failed."""
         self.wait()  # Orbax would wait for the previous save too, and name no step if it failed
         ocp = self._ocp
-        model_tree = {k: jax.tree.map(np.asarray, nnx.to_pure_dict(v)) for k, v in states.items()}
+        model_tree = {k: jax.tree.map(np.asarray, _pure(v)) for k, v in states.items()}
         opt_leaves = _flat_leaves(opt_state)
         meta = {
             **meta,

@@ -208,7 +208,11 @@ def _pretrain_with_data(
     model = MaskedAutoencoderViT(
         model_config, rngs=nnx.Rngs(config.seed), dtype=dtype, remat=config.remat
     )
-    graphdef, params, fixed = split_model(model)
+    graphdef, param_states, fixed_states = split_model(model)
+    # The step's state is plain nested dicts, not nnx.State: jax takes dicts apart and builds
+    # them again in C++, so a call of the step costs the host a fraction of what the State
+    # wrappers cost (bench/bench_host.py). Checkpoints hold the same leaves either way.
+    params = nnx.to_pure_dict(param_states)
     decay_mask = optim.pretrain_decay_mask(params)
     tx = optim.pretrain_direction(weight_decay=config.weight_decay, mask=decay_mask)
     opt_state = tx.init(params)  # the full state, as checkpoints hold it
@@ -218,12 +222,13 @@ def _pretrain_with_data(
         else None
     )
 
-    # ---- restore
+    # ---- restore (into the States, in place)
     ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
     stop.agree_through(ckpts.manager.reached_preemption)
     _, opt_state, step = resume_run(
-        ckpts, {"params": params, "fixed": fixed}, opt_state, loader, config, changes
+        ckpts, {"params": param_states, "fixed": fixed_states}, opt_state, loader, config, changes
     )
+    params, fixed = nnx.to_pure_dict(param_states), nnx.to_pure_dict(fixed_states)
     full_opt_like = jax.tree.map(np.asarray, opt_state)
     if shards is None:
         device_opt = replicate(opt_state, n_dev)
@@ -233,7 +238,7 @@ def _pretrain_with_data(
         graphdef, replicate(params, n_dev), replicate(fixed, n_dev), device_opt, step
     )
     # The replicas are the state from here on: free the host copies (1.3 GB for ViT-B).
-    del model, params, fixed, opt_state, device_opt
+    del model, param_states, fixed_states, params, fixed, opt_state, device_opt
     p_train_step = make_p_train_step(
         graphdef, tx, config.mask_ratio, model_config.num_patches, shards, norm
     )

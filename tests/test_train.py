@@ -195,6 +195,48 @@ def test_resume_gives_the_same_losses_bitwise_with_one_compile_per_start(folder,
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
 
 
+def test_the_step_takes_plain_dicts_whose_leaves_are_the_checkpoints_leaves(
+    folder, tmp_path, monkeypatch
+):
+    """The loop hands the pmapped step plain nested dicts (jax takes them apart in C++; nnx.State
+    wrappers cost the host several ms per call at ViT-B). The optimizer state on disk is a list
+    of leaves by index: leaf i of the dict form must be the same parameter's as leaf i of the
+    nnx.State form that earlier versions saved, or their runs would resume scrambled."""
+    calls = []
+    make_step = train.make_p_train_step
+
+    def spying_make_step(*args, **kwargs):
+        step_fn = make_step(*args, **kwargs)
+
+        def step(*step_args):
+            calls.append(step_args[:3])  # params, optimizer state, fixed tables
+            return step_fn(*step_args)
+
+        return step
+
+    monkeypatch.setattr(train, "make_p_train_step", spying_make_step)
+    train.pretrain(_cfg(folder, max_steps=2), tmp_path, progress=False)
+    assert len(calls) == 2
+
+    def is_state(x):
+        return isinstance(x, nnx.State)
+
+    nodes = jax.tree.leaves(calls, is_leaf=is_state)
+    assert nodes and not any(is_state(x) for x in nodes)
+
+    _, params, _ = _split()
+    plain = nnx.to_pure_dict(params)
+    old = optim.pretrain_direction(mask=optim.pretrain_decay_mask(params)).init(params)
+    new = optim.pretrain_direction(mask=optim.pretrain_decay_mask(plain)).init(plain)
+
+    def names(tree):
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return [(optim.path_names(path), np.shape(leaf)) for path, leaf in flat]
+
+    assert len(names(new)) == len(names(old)) > 100
+    assert names(new) == names(old)
+
+
 def test_a_changed_setting_is_refused_on_resume(folder, tmp_path):
     train.pretrain(_cfg(folder, max_steps=2), tmp_path, progress=False)
     with pytest.raises(SettingsError, match=r"other settings \(mask_ratio: 0.75 -> 0.5\)"):
