@@ -30,7 +30,8 @@ import numpy as np
 import optax
 from PIL import Image, ImageEnhance, ImageOps
 
-from mae_jax.data import pixel_array, random_resized_crop_box, to_channels
+from mae_jax.data.images import pixel_array, to_channels
+from mae_jax.data.transforms import random_resized_crop_box
 from mae_jax.normalization import IMAGENET, Normalization
 
 FINETUNE_SCALE = (0.08, 1.0)
