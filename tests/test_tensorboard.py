@@ -123,12 +123,14 @@ def test_event_files_in_a_bucket(gcs_dir, tmp_path):
 
 
 def test_uploads_as_scalars_come_are_rate_limited(gcs_dir):
-    writer = ScalarWriter(gcs_dir, flush_secs=0, upload_secs=3600)
-    size = epath.Path(writer.path).stat().length
-    writer.scalar("train/loss", 0.5, 1)  # flushed locally, not uploaded again yet
-    assert epath.Path(writer.path).stat().length == size
-    writer._upload_secs = 0
-    time.sleep(0.01)
-    writer.scalar("train/loss", 0.25, 2)
-    assert epath.Path(writer.path).stat().length > size
-    writer.close()
+    """Between flushes a bucket's copy is uploaded again only once ``upload_secs`` have passed."""
+    sizes = {}
+    for upload_secs in (3600, 0):
+        writer = ScalarWriter(f"{gcs_dir}/{upload_secs}", flush_secs=0, upload_secs=upload_secs)
+        before = epath.Path(writer.path).stat().length
+        time.sleep(0.01)
+        writer.scalar("train/loss", 0.5, 1)
+        sizes[upload_secs] = (before, epath.Path(writer.path).stat().length)
+        writer.close()
+    assert sizes[3600][1] == sizes[3600][0]  # not uploaded again yet
+    assert sizes[0][1] > sizes[0][0]
