@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -81,6 +82,25 @@ def drop_rows_after(path: Any, step: int) -> int:
 EVENT_FILE_PREFIX = "events.out.tfevents."
 
 
+def _tensorboardx() -> tuple[Any, Any, Any]:
+    """tensorboardX's ``EventsWriter``, ``Event`` and ``SessionLog``.
+
+    tensorboardX's package imports torch where it is installed (seconds, memory and torch's
+    thread pools in a JAX run, for a fallback that scalars never use): unless torch is loaded
+    already, it is hidden for that one import (an entry of None in ``sys.modules`` makes
+    ``import torch`` raise ImportError, which tensorboardX takes as "no torch")."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return EventsWriter, Event, SessionLog
+
+
 class ScalarWriter:
     """TensorBoard scalars appended to a new event file in ``logdir`` (local or in a bucket).
 
@@ -106,9 +126,7 @@ class ScalarWriter:
         flush_secs: float = 10.0,
         upload_secs: float = 30.0,
     ):
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto.event_pb2 import Event, SessionLog
-
+        EventsWriter, Event, SessionLog = _tensorboardx()
         self._event = Event
         logdir = run_path(logdir)
         self._remote = is_url(logdir)
