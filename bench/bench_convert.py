@@ -69,6 +69,7 @@ def official_state(preset: str, seed: int = 0) -> dict:
     """Random float32 weights of ``preset`` (an MAE with its decoder) in the official layout."""
     import numpy as np
     from flax import nnx
+    from flax.traverse_util import flatten_dict
 
     from convert import mapping
     from mae_jax.checkpoint import build_model
@@ -77,7 +78,7 @@ def official_state(preset: str, seed: int = 0) -> dict:
     abstract = nnx.eval_shape(lambda: build_model("mae", get_config(preset)))
     rng = np.random.default_rng(seed)
     state = {}
-    for path, leaf in mapping.flatten_tree(nnx.to_pure_dict(nnx.state(abstract))).items():
+    for path, leaf in flatten_dict(nnx.to_pure_dict(nnx.state(abstract))).items():
         shape = mapping.official_shape(path, tuple(leaf.shape))
         state[mapping.official_key(path)] = rng.standard_normal(shape, np.float32) * 0.02
     return mapping.in_official_order(state)

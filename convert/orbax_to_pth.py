@@ -22,6 +22,8 @@ if __package__ in (None, ""):  # run as a script from a clone: a module of the p
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "convert"
 
+from flax.traverse_util import flatten_dict
+
 from mae_jax._files import naming, run_path
 from mae_jax._memory import return_large_blocks_to_the_system
 from mae_jax.checkpoint import CheckpointError, load_state
@@ -49,7 +51,7 @@ def export_pth(
             raise FileExistsError(f"{dst}: already exists (pass --force to replace it)")
     # One tensor at a time, each array dropped once converted, a kernel transposed into the memory
     # of one already converted: the model is never held twice, and little new memory is touched.
-    state_dict = mapping.official_from_state_consuming(mapping.flatten_tree(load_state(checkpoint)))
+    state_dict = mapping.official_from_state_consuming(flatten_dict(load_state(checkpoint)))
     check_finite(state_dict, checkpoint, strict=strict, done="written as they are")
     with HeldSignals(dst) as held:
         write_pth({"model": state_dict}, dst, check_interrupt=held.check)

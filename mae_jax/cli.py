@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes that mean 'bad input', not 'bug' (imported lazily: jax is slow)."""
     from mae_jax.checkpoint import CheckpointError
     from mae_jax.classifier import EncoderMismatchError, HeadMismatchError, NotAClassifierError
-    from mae_jax.data import DataError
+    from mae_jax.data.images import DataError
     from mae_jax.model import MissingDecoderError
     from mae_jax.multihost import HostMismatchError
     from mae_jax.run_config import TrainingError
@@ -308,13 +308,13 @@ def reconstruct_figure(
     channel count and statistics (default: ImageNet's RGB)."""
     import numpy as np
 
-    from mae_jax import data, visualize
+    from mae_jax import visualize
+    from mae_jax.data.transforms import load_image
+    from mae_jax.normalization import IMAGENET
 
-    norm = norm or data.IMAGENET
+    norm = norm or IMAGENET
     size = model.config.img_size
-    imgs = np.stack(
-        [data.load_image(p, size, center_crop=center_crop, norm=norm) for p in image_paths]
-    )
+    imgs = np.stack([load_image(p, size, center_crop=center_crop, norm=norm) for p in image_paths])
     return visualize.reconstruction_figure(
         model,
         imgs,
@@ -496,7 +496,7 @@ def _add_prepare_data(sub) -> None:
 
 
 def _run_prepare_data(args) -> int:
-    from mae_jax.records import write_records
+    from mae_jax.data.records import write_records
 
     if args.shards is not None and args.shards < 1:
         raise UsageError(f"--shards must be positive, got {args.shards}")
@@ -544,8 +544,9 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     import jax.numpy as jnp
 
-    from mae_jax import data
     from mae_jax.classifier import NotAClassifierError
+    from mae_jax.data.images import DataError
+    from mae_jax.data.loaders import open_dataset
     from mae_jax.evaluate import evaluate
     from mae_jax.loading import load_pretrained
 
@@ -556,11 +557,11 @@ def _run_eval(args) -> int:
             f"{args.checkpoint}: is an MAE (pretraining) checkpoint and has no classification "
             "head: fine-tune it first with mae-jax finetune"
         )
-    folder = data.open_dataset(args.data)
+    folder = open_dataset(args.data)
     model = load_pretrained(args.checkpoint, dtype=jnp.dtype(args.dtype))
     num_classes = model.config.num_classes
     if num_classes != len(folder.classes):
-        raise data.DataError(
+        raise DataError(
             f"{args.data}: has {len(folder.classes)} class folder(s) but the classifier "
             f"{args.checkpoint} has {num_classes} classes"
         )

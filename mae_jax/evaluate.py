@@ -11,8 +11,10 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mae_jax import data
 from mae_jax.classifier import classification_counts, make_eval_logits
+from mae_jax.data.images import DataError
+from mae_jax.data.loaders import eval_batches
+from mae_jax.normalization import Normalization
 
 
 def evaluate(model, folder, *, batch_size: int, progress: bool = False, norm=None) -> dict:
@@ -36,13 +38,13 @@ def evaluate(model, folder, *, batch_size: int, progress: bool = False, norm=Non
         return classification_counts(eval_logits(state, images), labels, valid)
 
     totals = dict.fromkeys(("top1", "top5", "loss", "count"), 0.0)
-    batches = data.eval_batches(
+    batches = eval_batches(
         folder,
         batch_size=batch_size,
         img_size=model.config.img_size,
         shard_index=host,
         shard_count=hosts,
-        norm=norm or data.Normalization.for_channels(model.config.in_chans),
+        norm=norm or Normalization.for_channels(model.config.in_chans),
     )
     bar = tqdm(
         batches,
@@ -61,7 +63,7 @@ def evaluate(model, folder, *, batch_size: int, progress: bool = False, norm=Non
         totals = dict(zip(totals, sums.tolist(), strict=True))
     count = int(totals["count"])
     if count == 0:
-        raise data.DataError(f"{folder.root}: none of its {len(folder)} images could be read")
+        raise DataError(f"{folder.root}: none of its {len(folder)} images could be read")
     return {
         "top1": 100.0 * totals["top1"] / count,
         "top5": 100.0 * totals["top5"] / count,

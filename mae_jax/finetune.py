@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mae_jax import augment, masking, multihost, optim
+from mae_jax import masking, multihost, optim
 from mae_jax.classifier import (
     BatchNorm1d,
     VisionTransformer,
@@ -35,6 +35,7 @@ from mae_jax.classifier import (
     init_classifier_from_mae,
 )
 from mae_jax.config import get_vit_config
+from mae_jax.data import augment
 from mae_jax.evaluate import evaluate
 from mae_jax.normalization import Normalization, as_metadata
 from mae_jax.replication import AXIS, replicate, shard_batch, unreplicate
@@ -305,7 +306,7 @@ def _model_dict(config: FinetuneConfig) -> dict[str, Any]:
 
 def _finetune(config, workdir, lock, stop, progress) -> dict:
     """``finetune`` in its workdir, holding its lock, with signals turned into a stop."""
-    from mae_jax import data as data_lib
+    from mae_jax.data import loaders as data_lib
 
     changes = compare_with_saved(workdir, config, _model_dict)
     dtype = compute_dtype(config.dtype)

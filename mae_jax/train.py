@@ -56,7 +56,8 @@ def _default_data_folder() -> str:
 
 def _recon_batch(folder, config: MAEConfig, count: int, norm: Normalization) -> np.ndarray | None:
     """The first ``count`` readable images of the folder, center-cropped: the fixed figure set."""
-    from mae_jax.data import DataError, decode_bytes, square_image
+    from mae_jax.data.images import DataError, decode_bytes
+    from mae_jax.data.transforms import square_image
 
     imgs = []
     for index in range(len(folder)):
@@ -146,7 +147,7 @@ def pretrain(config: PretrainConfig, workdir: str | os.PathLike, *, progress: bo
 
 def _pretrain(config, model_config, norm, workdir, lock, stop, progress) -> dict:
     """``pretrain`` in its workdir, holding its lock, with signals turned into a stop."""
-    from mae_jax import data as data_lib
+    from mae_jax.data import loaders as data_lib
 
     changes = compare_with_saved(workdir, config, _model_dict)
     dtype = compute_dtype(config.dtype)

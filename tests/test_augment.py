@@ -1,4 +1,4 @@
-"""Tests of mae_jax.augment: RandAugment ops and policy, the fine-tune and linear-probe transforms,
+"""Tests of mae_jax.data.augment: RandAugment ops and policy, the fine-tune and linear-probe transforms,
 random erasing, Mixup/CutMix and the two losses (against torch)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import augment, data
+from mae_jax import data
+from mae_jax.data import augment
 
 ALL_OPS = sorted(set(augment.RAND_OPS) | set(augment.RAND_INCREASING_OPS))
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")

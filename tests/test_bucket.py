@@ -18,8 +18,9 @@ from etils import epath
 import mae_jax
 from convert import orbax_to_pth, pth_to_orbax
 from convert.pth_io import PthError, read_pth
-from mae_jax import _files, cli, data, records, run_checkpoints
+from mae_jax import _files, cli, data, run_checkpoints
 from mae_jax.checkpoint import read_metadata, state_as_numpy
+from mae_jax.data import records
 from tests.test_records import folder  # noqa: F401  the image-folder fixture
 
 torch = pytest.importorskip("torch")

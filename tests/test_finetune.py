@@ -14,8 +14,9 @@ from PIL import Image
 
 import mae_jax
 from convert.pth_to_orbax import convert_pth
-from mae_jax import augment, cli, finetune, optim
+from mae_jax import cli, finetune, optim
 from mae_jax.classifier import EncoderMismatchError, VisionTransformer
+from mae_jax.data import augment
 
 GOLDEN = Path(__file__).parent / "golden"
 

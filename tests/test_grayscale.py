@@ -209,7 +209,7 @@ def test_reconstruct_and_export_use_the_run_s_statistics(gray_folder, short_run,
 def test_finetune_augmentations_on_gray_are_the_rgb_ones_on_the_gray_file():
     """RandAugment, crops, flips and normalisation on a grayscale image give the RGB pipeline's
     values on the same image as RGB (equal channels; the same fill with equal channel means)."""
-    from mae_jax import augment
+    from mae_jax.data import augment
 
     gray3 = Normalization((0.5,) * 3, (0.25,) * 3)
     yy, xx = np.mgrid[0:40, 0:48]

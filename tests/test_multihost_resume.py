@@ -71,7 +71,7 @@ def test_two_hosts_with_the_run_in_a_bucket_killed_and_resumed(uninterrupted, gc
     hosts SIGKILLed after the first complete checkpoint, the same command resumes, and the
     logged losses equal the uninterrupted run's on local files bit for bit. Config, figures,
     TensorBoard events and checkpoints are in the bucket; nothing went to a local 'gs:' folder."""
-    from mae_jax import records
+    from mae_jax.data import records
     from tests.test_bucket_run import complete_checkpoints
 
     data, expected, _ = uninterrupted

@@ -1,4 +1,4 @@
-"""Tests of mae_jax.records and ``mae-jax prepare-data``: the record directory, and batches from it
+"""Tests of mae_jax.data.records and ``mae-jax prepare-data``: the record directory, and batches from it
 that equal the batches from the image folder it was made from."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import cli, data, records
+from mae_jax import cli, data
+from mae_jax.data import records
 
 
 def _photo(rng: np.random.Generator, height: int, width: int) -> Image.Image:

@@ -13,7 +13,7 @@ Pillow and NumPy, following timm's documented semantics; every random draw comes
   [0, 10].
 - ``linprobe_transform``: the linear probe's weak augmentation (single-draw crop, flip, normalise).
 - ``mixup_cutmix``: timm's batch-mode Mixup/CutMix with label smoothing.
-- ``soft_target_cross_entropy`` / ``smoothed_cross_entropy``: the two fine-tuning losses, in JAX.
+- ``soft_target_cross_entropy`` / ``smoothed_cross_entropy``: the two fine-tuning losses, through optax.
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from PIL import Image, ImageEnhance, ImageOps
 
-from mae_jax.data import pixel_array, random_resized_crop_box, to_channels
+from mae_jax.data.images import pixel_array, to_channels
+from mae_jax.data.transforms import random_resized_crop_box
 from mae_jax.normalization import IMAGENET, Normalization
 
 FINETUNE_SCALE = (0.08, 1.0)
@@ -532,15 +534,18 @@ def mixup_cutmix(
 
 def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean over the batch of sum(-targets * log_softmax(logits)); logits, targets (N, C) -> ()."""
-    log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-    return jnp.mean(jnp.sum(-jnp.asarray(targets, jnp.float32) * log_probs, axis=-1))
+    logits = jnp.asarray(logits, jnp.float32)
+    return jnp.mean(optax.softmax_cross_entropy(logits, jnp.asarray(targets, jnp.float32)))
 
 
 def smoothed_cross_entropy(
     logits: jax.Array, labels: jax.Array, smoothing: float = 0.1
 ) -> jax.Array:
-    """Label-smoothed cross-entropy, (1 - s) * nll + s * mean(-log p), batch mean: (N, C) -> ()."""
-    log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None], axis=-1)[:, 0]
-    uniform = -jnp.mean(log_probs, axis=-1)
-    return jnp.mean((1.0 - smoothing) * nll + smoothing * uniform)
+    """Label-smoothed cross-entropy, (1 - s) * nll + s * mean(-log p), batch mean: (N, C) -> ().
+
+    The same as the cross-entropy against the one-hot labels smoothed to (1 - s) * one_hot + s / C
+    (torch's ``label_smoothing``, timm's ``LabelSmoothingCrossEntropy``)."""
+    logits = jnp.asarray(logits, jnp.float32)
+    one_hot = jax.nn.one_hot(jnp.asarray(labels), logits.shape[-1], dtype=jnp.float32)
+    targets = optax.smooth_labels(one_hot, smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets))

@@ -1,7 +1,10 @@
-"""Image sets on disk and the opening of their bytes: ``ImageFolder``, ``open_image`` and
-``DataError``, the floor that both ``mae_jax.records`` and ``mae_jax.data`` stand on.
+"""Image sets on disk, their bytes opened and decoded: ``ImageFolder``, ``open_image``,
+``decode_bytes`` / ``decode_rgb`` and ``DataError``.
 
-``mae_jax.data`` re-exports these names (``data.ImageFolder``, ``data.DataError``, ...).
+Images are decoded with Pillow as 8-bit RGB, or as grayscale for 1-channel models
+(``channels=1``); 16-bit grayscale is scaled, not clipped, and alpha is dropped. The record
+directories (``mae_jax.data.records``) and the loaders (``mae_jax.data.loaders``) stand on
+this module.
 """
 
 from __future__ import annotations
@@ -12,7 +15,12 @@ import os
 import numpy as np
 from PIL import Image
 
+from mae_jax.normalization import check_channels
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Pillow mode of the decoded pixels for each supported channel count.
+CHANNEL_MODES = {1: "L", 3: "RGB"}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class DataError(ValueError):
@@ -118,3 +126,63 @@ def open_image(encoded: bytes, name: str) -> Image.Image:
         return Image.open(io.BytesIO(encoded))
     except Exception as err:  # any failure inside Pillow means the file is unusable
         raise cannot_decode(name, err) from err
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow image as 8-bit RGB; alpha is dropped (as torchvision's loader does)."""
+    return to_channels(img, 3)
+
+
+def to_channels(img: Image.Image, channels: int = 3) -> Image.Image:
+    """Any Pillow image as 8-bit pixels of ``channels`` channels: 3 is RGB, 1 is grayscale
+    (Pillow's ITU-R 601-2 luma, what torchvision's Grayscale computes). Alpha is dropped."""
+    mode = _mode_of(channels)
+    if img.mode == mode:
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's own conversion clips 16-bit values at 255 (a white image); scale instead.
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(gray if channels == 1 else np.repeat(gray[:, :, None], 3, axis=2))
+    if img.mode == "P" and "transparency" in img.info:
+        # Going through RGBA avoids Pillow's warning about palette transparency.
+        img = img.convert("RGBA")
+    return img.convert(mode)
+
+
+def _mode_of(channels: int) -> str:
+    check_channels(channels)
+    return CHANNEL_MODES[channels]
+
+
+def pixel_array(img: Image.Image) -> np.ndarray:
+    """A decoded 8-bit image as (H, W, C) uint8: grayscale gets its channel axis."""
+    pixels = np.asarray(img)
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+def decode_bytes(encoded: bytes, name: str, channels: int = 3) -> Image.Image:
+    """Encoded image bytes fully decoded and converted to RGB (``channels`` 3) or grayscale (1);
+    DataError naming ``name``."""
+    img = open_image(encoded, name)
+    try:
+        img.load()
+        return to_channels(img, channels)
+    except Exception as err:
+        raise cannot_decode(name, err) from err
+
+
+def decode_rgb(path: str | os.PathLike, channels: int = 3) -> Image.Image:
+    """Open, fully decode and convert one image file to RGB (or grayscale with ``channels`` 1);
+    DataError naming the file on failure."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_channels(img, channels)
+    except Exception as err:  # any failure inside Pillow means the file is unusable
+        raise cannot_decode(os.fspath(path), err) from err

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from mae_jax._files import atomic_write, copy_file, is_url, naming, replace_dir, run_path
-from mae_jax.images import DataError, ImageFolder, open_image
+from mae_jax.data.images import DataError, ImageFolder, open_image
 
 INDEX_NAME = "index.json"
 LABELS_NAME = "labels.npy"
