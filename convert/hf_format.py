@@ -4,13 +4,13 @@ The key table between transformers' ViTMAE names and the official MAE state_dict
 that the converter reads hub directories without torch and the PyTorch reference
 (``hf_reference.py``) maps official weights onto transformers' model with the same rows.
 
-transformers has spelled the same tensors three ways, and files in each are about:
+transformers has spelled the same tensors three ways, and files exist in each spelling:
 
     in memory, transformers 5          vit.layers.N.attention.q_proj.weight
     files written by transformers 4    vit.encoder.layer.N.attention.attention.query.weight
     (the hub's files)                  decoder.decoder_layers.N.attention.attention.query.weight
     files written by transformers 5    as transformers 4, but the decoder's blocks are
-    (save_pretrained renames back)     decoder.decoder_encoder.layer.N.attention.attention.query...
+    (save_pretrained, 5.25 checked)    decoder.decoder_encoder.layer.N.attention.attention.query...
 
 A ``ViTMAEModel`` (no decoder) is saved without the ``vit.`` prefix. All of them are read;
 directories are written in transformers 4's spelling, which transformers 4 and 5 both load.
@@ -322,22 +322,27 @@ class HFWeights:
     total_bytes: int
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _read_safetensors(path: Any) -> tuple[dict[str, np.ndarray], str]:
+    """A safetensors file's tensors and sha256; a local file is read once into its arrays."""
     from safetensors import SafetensorError
-    from safetensors.numpy import load
+    from safetensors.numpy import load, load_file
 
-    with naming(path):
-        data = path.read_bytes()
+    from mae_jax._files import is_url
+
+    digest = hashlib.sha256()
     try:
-        tensors = load(data)
+        if is_url(path):
+            with naming(path):
+                data = path.read_bytes()
+            digest.update(data)
+            return load(data), digest.hexdigest()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        return load_file(os.fspath(path)), digest.hexdigest()
     except (SafetensorError, ValueError, KeyError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise HFFormatError(f"{path}: not a readable safetensors file ({reason})") from None
-    return tensors, _sha256(data)
 
 
 def _read_bin(path: Any) -> tuple[dict[str, np.ndarray], str]:
@@ -438,10 +443,10 @@ class Spelling:
     def name(self) -> str:
         """For messages and the metadata."""
         if not self.legacy:
-            return "transformers 5 (in-memory names)"
+            return "transformers 5 in-memory"
         if self.decoder_blocks != "decoder.decoder_layers.":
             return "transformers 5 save_pretrained"
-        return "transformers 4 (the hub's files)"
+        return "transformers 4"
 
 
 def spelling_of(keys: list[str]) -> Spelling:

@@ -580,6 +580,9 @@ def run(args: argparse.Namespace) -> int:
         return code
     out, meta = result
     kind = mapping.FAMILY_HELP[meta["family"]]
+    if meta["source"].get("format") == "huggingface":
+        source = meta["source"]
+        kind = f"a Hugging Face {source['architecture'] or 'ViTMAE'} ({source['key_names']} keys)"
     saved = read_metadata(out)
     if saved["model_type"] == "vit_classifier":
         config = saved["config"]
@@ -601,6 +604,12 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  note: head counts {meta['head_counts']} (the shapes cannot show them); "
             f"if the model had others, convert again with {_head_flags(meta['family'])}"
+        )
+    eps = config["layer_norm_eps"]
+    if meta["source"].get("format") == "huggingface" and eps != 1e-6:
+        print(
+            f"  note: LayerNorm eps {eps:g}, as config.json gives it; the official MAE used 1e-6 "
+            "(convert again with --set layer_norm_eps=1e-6 for that)"
         )
     if meta["ignored_keys"]:
         print(f"  ignored {len(meta['ignored_keys'])} keys: {', '.join(meta['ignored_keys'][:6])}")
