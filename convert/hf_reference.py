@@ -385,9 +385,24 @@ def hf_directory_forward(
     device: str = "cpu",
 ) -> dict[str, np.ndarray]:
     """A local Hugging Face ViTMAE directory's own model (``from_pretrained``, every key loaded,
-    its config as it is but the mask ratio): imgs (N,C,H,W), noise (N,L) -> STAGES, or
-    ENCODER_STAGES with ``with_decoder`` False (a ViTMAEModel)."""
-    cls = ViTMAEForPreTraining if with_decoder else ViTMAEModel
+    its config as it is but the mask ratio): imgs (N,C,H,W), noise (N,L) -> STAGES, or with
+    ``with_decoder`` False ENCODER_STAGES (of a ViTMAEModel directory, or of the encoder of a
+    ViTMAEForPreTraining one)."""
+    import json
+    from pathlib import Path
+
+    try:
+        architectures = json.loads((Path(directory) / "config.json").read_text()).get(
+            "architectures"
+        ) or ["ViTMAEForPreTraining" if with_decoder else "ViTMAEModel"]
+    except (OSError, ValueError, AttributeError) as e:
+        raise StateDictMismatchError(f"{directory}/config.json: unreadable ({e})") from None
+    cls = ViTMAEModel if architectures == ["ViTMAEModel"] else ViTMAEForPreTraining
+    if with_decoder and cls is ViTMAEModel:
+        raise StateDictMismatchError(
+            f"{directory}: holds a ViTMAEModel (no decoder) and the checkpoint has a decoder; "
+            "compare an encoder-only checkpoint with it"
+        )
     try:
         model, info = cls.from_pretrained(
             directory, attn_implementation=attn, output_loading_info=True
@@ -417,7 +432,9 @@ def hf_directory_forward(
     )
     if with_decoder:
         return _pretraining_stages(model, imgs_nchw, noise, device)
-    return _encoder_only_stages(model, imgs_nchw, noise, device)
+    encoder = model.vit if cls is ViTMAEForPreTraining else model
+    encoder.config.mask_ratio = mask_ratio
+    return _encoder_only_stages(encoder, imgs_nchw, noise, device)
 
 
 def hf_classifier_forward(

@@ -142,6 +142,9 @@ def test_encoder_only_directory_converts_and_refuses_to_reconstruct(tmp_path):
     out, meta = convert_pth(full, tmp_path / "enc", encoder_only=True)
     assert not mae_jax.load_pretrained(out).with_decoder
     assert "mask_token" in meta["ignored_keys"] and "decoder_pred.weight" in meta["ignored_keys"]
+    _assert_parity(out, full, decoder=False)  # against the full directory's own encoder
+    with pytest.raises(ValueError, match="holds a ViTMAEModel"):
+        parity.run_parity(convert_pth(full, tmp_path / "mae")[0], hf=hf_dir)
 
 
 def _v4_name(key: str) -> str:
