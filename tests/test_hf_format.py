@@ -23,6 +23,7 @@ from mae_jax.model import MissingDecoderError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load as safetensors_load  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -313,3 +314,24 @@ def _classifier(tmp_path):
     gp = GOLDEN / "vit_tiny_shared_gp.pth"
     out, _ = convert_pth(gp, tmp_path / "clf", settings=["num_heads=4"])
     return out
+
+
+# --------------------------------------------------------------------------- in a bucket
+
+
+def test_hf_directories_to_and_from_a_bucket(gcs_dir, tmp_path):
+    """convert reads an HF directory from gs://, to-hf writes one there, parity --hf reads it."""
+    from etils import epath
+
+    hf_dir = _saved(transformers.ViTMAEForPreTraining, TINY, tmp_path / "hf", seed=6)
+    for f in hf_dir.iterdir():
+        epath.Path(f"{gcs_dir}/hf/{f.name}").write_bytes(f.read_bytes())
+    ckpt, _ = convert_pth(f"{gcs_dir}/hf", tmp_path / "ckpt")
+    back = export_hf(ckpt, f"{gcs_dir}/back")
+    written = load_file(str(hf_dir / "model.safetensors"))  # transformers 5's own spelling
+    again = safetensors_load(epath.Path(f"{back}/model.safetensors").read_bytes())
+    decoder = "decoder.decoder_encoder.layer."
+    assert {k.replace(decoder, "decoder.decoder_layers.") for k in written} == set(again)
+    for k, v in written.items():
+        assert np.array_equal(again[k.replace(decoder, "decoder.decoder_layers.")], v), k
+    _assert_parity(ckpt, back)
