@@ -9,6 +9,8 @@ highest precision, transformers with eager attention on CPU.
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +337,39 @@ def test_hf_directories_to_and_from_a_bucket(gcs_dir, tmp_path):
     for k, v in written.items():
         assert np.array_equal(again[k.replace(decoder, "decoder.decoder_layers.")], v), k
     _assert_parity(ckpt, back)
+
+
+NO_TORCH = """
+import sys
+
+
+class RefuseTorch:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "transformers"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, RefuseTorch)
+from mae_jax import cli
+
+assert cli.main(["convert", sys.argv[1], sys.argv[2], "--quiet"]) == 0
+assert cli.main(["to-hf", sys.argv[2], sys.argv[3]]) == 0
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+"""
+
+
+def test_both_directions_run_without_torch(tmp_path):
+    hf_dir = _saved(transformers.ViTMAEModel, TINY, tmp_path / "hf", seed=7)
+    p = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, hf_dir, tmp_path / "ckpt", tmp_path / "back"],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    written = load_file(str(tmp_path / "back" / "model.safetensors"))
+    original = load_file(str(hf_dir / "model.safetensors"))
+    assert set(written) == set(original)
+    assert all(np.array_equal(written[k], v) for k, v in original.items())
