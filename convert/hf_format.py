@@ -275,9 +275,10 @@ def config_from_json(raw: dict, where: str) -> HFConfig:
             decoder_num_heads=sizes["decoder_num_attention_heads"],
             norm_pix_loss=bool(full["norm_pix_loss"]),
         )
-    except (ValueError, TypeError, ZeroDivisionError) as e:
+        mask_ratio = float(full["mask_ratio"])
+    except (ValueError, TypeError) as e:
         raise HFFormatError(f"{where}: {e}") from None
-    return HFConfig(config, float(full["mask_ratio"]), known[0] if known else None, raw)
+    return HFConfig(config, mask_ratio, known[0] if known else None, raw)
 
 
 def config_to_json(config: MAEConfig, *, with_decoder: bool, mask_ratio: float = 0.75) -> dict:
@@ -481,17 +482,11 @@ def expected_keys(
 def check_keys(
     tensors: Mapping[str, np.ndarray],
     expected: Mapping[str, tuple[str, int | None, tuple[int, ...]]],
-    *,
-    ignore: tuple[str, ...] = (),
-) -> list[str]:
-    """The keys ``ignore`` (regexes on file keys) leaves out; HFFormatError (without the file name)
-    listing '+ unexpected', '- missing' and '! shape' keys, with ``expected``'s shapes."""
+) -> None:
+    """HFFormatError (without the file name) listing '+ unexpected', '- missing' and '! shape'
+    keys of ``tensors`` against ``expected`` (see ``expected_keys``), unless they agree."""
     missing = [k for k in expected if k not in tensors]
-    unexpected, ignored = [], []
-    for key in tensors:
-        if key in expected:
-            continue
-        (ignored if any(re.fullmatch(p, key) for p in ignore) else unexpected).append(key)
+    unexpected = [k for k in tensors if k not in expected]
     mismatched = [
         f"{k}: {tuple(tensors[k].shape)} in the weights, config.json gives {expected[k][2]}"
         for k in expected
@@ -507,7 +502,6 @@ def check_keys(
             f"{len(unexpected)} unexpected, {len(missing)} missing, {len(mismatched)} mis-shaped "
             f"keys against config.json: {shown}"
         )
-    return ignored
 
 
 def official_from_hf(
