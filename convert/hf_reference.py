@@ -24,6 +24,8 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
 from mae_jax.config import MAEConfig
 
+from .hf_format import official_name
+
 STAGES = (
     "patch_embed",
     "x_masked",
@@ -51,66 +53,6 @@ class StateDictMismatchError(ValueError):
 
 class ReferenceInputError(ValueError):
     """Images or noise that do not fit the model."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Key table: HF name -> official name. The table goes from HF to official so that one pass over
-# the HF model's own state_dict both predicts the official layout (for the error messages, which
-# name the user's keys) and fills every HF tensor. HF splits the fused official `attn.qkv` into
-# q/k/v projections: those rows are thirds [0:D], [D:2D], [2D:3D] of the official tensor.
-
-# (HF prefix, official prefix), first match wins; the "vit." prefix of the encoder inside
-# ViTMAEForPreTraining is stripped before the lookup.
-_TOP_LEVEL = (
-    ("embeddings.cls_token", "cls_token"),
-    ("embeddings.position_embeddings", "pos_embed"),
-    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
-    ("layernorm.", "norm."),
-    ("layers.", "blocks."),
-    ("decoder.mask_token", "mask_token"),
-    ("decoder.decoder_pos_embed", "decoder_pos_embed"),
-    ("decoder.decoder_layers.", "decoder_blocks."),
-    ("decoder.decoder_", "decoder_"),  # decoder_embed, decoder_norm, decoder_pred
-)
-# Inside one transformer block: (HF prefix, official prefix, third of the fused qkv or None).
-_IN_BLOCK = (
-    ("layernorm_before.", "norm1.", None),
-    ("layernorm_after.", "norm2.", None),
-    ("attention.o_proj.", "attn.proj.", None),
-    ("attention.q_proj.", "attn.qkv.", 0),
-    ("attention.k_proj.", "attn.qkv.", 1),
-    ("attention.v_proj.", "attn.qkv.", 2),
-    ("mlp.fc1.", "mlp.fc1.", None),
-    ("mlp.fc2.", "mlp.fc2.", None),
-)
-_BLOCK_LISTS = ("blocks.", "decoder_blocks.")
-
-
-def _replace_prefix(name: str, table) -> tuple[str, tuple] | None:
-    for row in table:
-        if name.startswith(row[0]):
-            return row[1] + name[len(row[0]) :], row[2:]
-    return None
-
-
-def official_name(hf_key: str) -> tuple[str, int | None]:
-    """The official key an HF ViTMAE key is read from, and which third of a fused qkv (or None)."""
-    key = hf_key.removeprefix("vit.")
-    hit = _replace_prefix(key, _TOP_LEVEL)
-    if hit is None:
-        raise KeyError(f"no official name for HF key {hf_key!r} (transformers layout changed?)")
-    name, _ = hit
-    for block_list in _BLOCK_LISTS:
-        if name.startswith(block_list):
-            index, _, rest = name[len(block_list) :].partition(".")
-            inner = _replace_prefix(rest, _IN_BLOCK)
-            if inner is None:
-                raise KeyError(
-                    f"no official name for HF key {hf_key!r} (transformers layout changed?)"
-                )
-            (rest, (third,)) = inner
-            return f"{block_list}{index}.{rest}", third
-    return name, None
 
 
 def _listed(names) -> str:
@@ -366,8 +308,14 @@ def hf_mae_forward(
         vitmae_config(config, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss, attn=attn)
     )
     load_official_into_hf(model, state_dict, what="MAE state_dict vs ViTMAEForPreTraining")
-    model = model.to(device=device, dtype=torch.float32).eval()
+    return _pretraining_stages(model, imgs_nchw, noise, device)
 
+
+def _pretraining_stages(
+    model: ViTMAEForPreTraining, imgs_nchw: np.ndarray, noise: np.ndarray, device: str
+) -> dict[str, np.ndarray]:
+    """STAGES of a loaded ViTMAEForPreTraining (its config's mask ratio and norm_pix_loss)."""
+    model = model.to(device=device, dtype=torch.float32).eval()
     with exact_float32(device), torch.no_grad(), StageRecorder() as rec:
         _record_encoder(rec, model.vit)
         decoder = model.decoder
@@ -411,13 +359,82 @@ def hf_encoder_forward(
         vitmae_config(config, mask_ratio=mask_ratio, norm_pix_loss=False, attn=attn)
     )
     load_official_into_hf(model, state_dict, what="encoder state_dict vs ViTMAEModel")
-    model = model.to(device=device, dtype=torch.float32).eval()
+    return _encoder_only_stages(model, imgs_nchw, noise, device)
 
+
+def _encoder_only_stages(
+    model: ViTMAEModel, imgs_nchw: np.ndarray, noise: np.ndarray, device: str
+) -> dict[str, np.ndarray]:
+    """ENCODER_STAGES of a loaded ViTMAEModel (its config's mask ratio)."""
+    model = model.to(device=device, dtype=torch.float32).eval()
     with exact_float32(device), torch.no_grad(), StageRecorder() as rec:
         _record_encoder(rec, model)
         out = model(pixel_values=_tensor_on(imgs_nchw, device), noise=_tensor_on(noise, device))
         stages = _encoder_stages(rec, out.mask, out.ids_restore)
     return {name: stages[name] for name in ENCODER_STAGES}
+
+
+def hf_directory_forward(
+    directory: str,
+    imgs_nchw: np.ndarray,
+    noise: np.ndarray,
+    *,
+    mask_ratio: float,
+    with_decoder: bool,
+    attn: str = "eager",
+    device: str = "cpu",
+) -> dict[str, np.ndarray]:
+    """A local Hugging Face ViTMAE directory's own model (``from_pretrained``, every key loaded,
+    its config as it is but the mask ratio): imgs (N,C,H,W), noise (N,L) -> STAGES, or with
+    ``with_decoder`` False ENCODER_STAGES (of a ViTMAEModel directory, or of the encoder of a
+    ViTMAEForPreTraining one)."""
+    import json
+    from pathlib import Path
+
+    try:
+        architectures = json.loads((Path(directory) / "config.json").read_text()).get(
+            "architectures"
+        ) or ["ViTMAEForPreTraining" if with_decoder else "ViTMAEModel"]
+    except (OSError, ValueError, AttributeError) as e:
+        raise StateDictMismatchError(f"{directory}/config.json: unreadable ({e})") from None
+    cls = ViTMAEModel if architectures == ["ViTMAEModel"] else ViTMAEForPreTraining
+    if with_decoder and cls is ViTMAEModel:
+        raise StateDictMismatchError(
+            f"{directory}: holds a ViTMAEModel (no decoder) and the checkpoint has a decoder; "
+            "compare an encoder-only checkpoint with it"
+        )
+    try:
+        model, info = cls.from_pretrained(
+            directory, attn_implementation=attn, output_loading_info=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StateDictMismatchError(
+            f"{directory}: transformers cannot load it ({first})"
+        ) from None
+    problems = [
+        f"{what}: {_listed(info[what])}"
+        for what in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        if info.get(what)
+    ]
+    if problems:
+        raise StateDictMismatchError(
+            f"{directory}: {cls.__name__}.from_pretrained: " + " | ".join(problems)
+        )
+    model.config.mask_ratio = mask_ratio
+    config = model.config
+    check_inputs(
+        imgs_nchw,
+        noise,
+        img_size=config.image_size,
+        in_chans=config.num_channels,
+        num_patches=(config.image_size // config.patch_size) ** 2,
+    )
+    if with_decoder:
+        return _pretraining_stages(model, imgs_nchw, noise, device)
+    encoder = model.vit if cls is ViTMAEForPreTraining else model
+    encoder.config.mask_ratio = mask_ratio
+    return _encoder_only_stages(encoder, imgs_nchw, noise, device)
 
 
 def hf_classifier_forward(

@@ -2,6 +2,7 @@
 
     mae-jax parity out/mae_vit_large --pth mae_visualize_vit_large.pth
     mae-jax parity out/mae_vit_large --pth ... --official-repo ~/src/mae
+    mae-jax parity out/vit_mae_base --hf vit-mae-base/  # a Hugging Face directory's own model
     python convert/parity.py out/mae_vit_large --pth ...  # from a clone
 
 The PyTorch side needs the torch extra (``pip install "mae-jax[torch]"``).
@@ -11,7 +12,8 @@ weights, the same random images and the same masking noise, and prints one row p
 max abs error and the max relative error (max |jax - torch| / max |torch|). Exits 1 when a stage is
 over tolerance. The PyTorch side is Hugging Face transformers' ViTMAEForPreTraining configured with
 MAE's hyperparameters (eager attention), or with --official-repo the user's own clone of
-facebookresearch/mae. A fine-tuned classifier checkpoint is compared (no masking) with HF's ViT
+facebookresearch/mae, or with --hf a Hugging Face ViTMAE directory's own model, as
+``from_pretrained`` loads it (its config as it is, eager attention, the mask ratio of --mask-ratio). A fine-tuned classifier checkpoint is compared (no masking) with HF's ViT
 encoder plus the official pooling and head: encoder blocks, features and logits. Both sides run at
 full float32 precision (JAX's highest matmul precision, torch with TF32 off); with --dtype bfloat16
 the JAX side computes in bfloat16 and the errors against the float32 reference are reported
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a clone: a module of the package `convert`
@@ -30,6 +33,8 @@ if __package__ in (None, ""):  # run as a script from a clone: a module of the p
     __package__ = "convert"
 
 import numpy as np
+
+from .hf_format import local_copy
 
 # stage -> (what it is, compared exactly?)
 STAGE_ROWS = {
@@ -162,15 +167,19 @@ def run_parity(
     seed: int = 0,
     dtype: str = "float32",
     device: str | None = None,
+    hf: str | Path | None = None,
 ) -> tuple[dict, dict, dict]:
-    """Run both sides; returns (JAX stages, reference stages, info about the run)."""
+    """Run both sides; returns (JAX stages, reference stages, info about the run).
+
+    ``hf``: a Hugging Face ViTMAE directory whose own model is the reference (not with ``pth``
+    or ``official_repo``)."""
     import jax
     import jax.numpy as jnp
 
-    from mae_jax.loading import load_pretrained
     from mae_jax._files import run_path
     from mae_jax.checkpoint import state_as_numpy
     from mae_jax.classifier import VisionTransformer
+    from mae_jax.loading import load_pretrained
 
     from .mapping import official_from_state
     from .pth_io import read_pth
@@ -186,7 +195,18 @@ def run_parity(
             f"{checkpoint}: is a classifier; --official-repo runs the official MAE only "
             "(leave it out to compare with transformers)"
         )
-    if pth is not None:
+    if hf is not None and (pth is not None or official_repo is not None):
+        raise ParityInputError(
+            "--hf compares with the directory's own model: leave out --pth and --official-repo"
+        )
+    if hf is not None and is_classifier:
+        raise ParityInputError(
+            f"{checkpoint}: is a classifier; --hf compares MAEs (transformers' ViTMAE)"
+        )
+    if hf is not None:
+        state_dict = {}
+        source = f"{checkpoint}"
+    elif pth is not None:
         state_dict = extract_state_dict(read_pth(pth), run_path(pth))
         source = f"{pth}"
     else:  # the checkpoint's own weights, exported to the official layout
@@ -230,6 +250,20 @@ def run_parity(
         reference = (
             "transformers ViTMAEModel (eager attention, no masking) + official pooling and head"
         )
+    elif hf is not None:
+        from .hf_reference import hf_directory_forward
+
+        with tempfile.TemporaryDirectory() as scratch:
+            ref = hf_directory_forward(
+                local_copy(hf, scratch),
+                imgs_nchw,
+                noise,
+                mask_ratio=mask_ratio,
+                with_decoder=model.with_decoder,
+                device=torch_device,
+            )
+        kind = "ViTMAEForPreTraining" if model.with_decoder else "ViTMAEModel"
+        reference = f"{hf}: its own transformers {kind} (eager attention)"
     elif official_repo is not None:
         from .official_reference import official_mae_forward, official_model_kwargs
 
@@ -313,6 +347,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--official-repo", help="a clone of facebookresearch/mae to use instead of transformers"
     )
     p.add_argument(
+        "--hf",
+        metavar="HF_DIR",
+        help="a Hugging Face ViTMAE directory: compare with its own model (from_pretrained)",
+    )
+    p.add_argument(
         "--official-arch",
         help="factory in the clone's models_mae.py (default: MaskedAutoencoderViT with the checkpoint's sizes)",
     )
@@ -378,6 +417,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             dtype=args.dtype,
             device=args.device,
+            hf=args.hf,
         )
     except (
         CheckpointError,

@@ -1,6 +1,8 @@
-"""Convert an official MAE ``.pth`` checkpoint into a mae-jax (Orbax) checkpoint directory.
+"""Convert an official MAE ``.pth`` checkpoint, or a Hugging Face ViTMAE directory, into a mae-jax
+(Orbax) checkpoint directory.
 
     mae-jax convert mae_visualize_vit_large.pth out/mae_vit_large
+    mae-jax convert vit-mae-base/ out/vit_mae_base   # config.json + model.safetensors
     mae-jax convert mae_finetuned_vit_base.pth out/vit_base_ft
     mae-jax convert mae_finetuned_vit_base.pth out/vit_base_enc --encoder-only
     python convert/pth_to_orbax.py mae_visualize_vit_large.pth out/mae_vit_large  # from a clone
@@ -20,6 +22,11 @@ written under a temporary name and renamed when complete; SIGINT or SIGTERM whil
 leave the output as it was (absent, or the previous one) and no temporary directory (exit status
 128 + the signal's number). Either path may be a bucket URL (``gs://bucket/mae_vit_large.pth``,
 ``gs://bucket/ckpt/mae_vit_large``).
+
+A directory is read as Hugging Face's ViTMAE (``convert_hf``): the config from its config.json
+(``--set`` and ``--norm-pix-loss`` override fields), the weights from model.safetensors (read with
+safetensors' NumPy reader), its shards, or pytorch_model.bin (through the safe reader), in any of
+transformers' key spellings (see hf_format.py), every key checked against the config's model.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from mae_jax.checkpoint import CheckpointError, abstract_model, read_metadata, s
 from mae_jax.config import PRESETS, VIT_PRESETS, MAEConfig, ViTConfig
 from mae_jax.pos_embed import sincos_2d
 
-from . import mapping
+from . import hf_format, mapping
 from .pth_io import PthError, read_pth
 
 CONVERTER_VERSION = "1"
@@ -242,10 +249,21 @@ def convert_pth(
     directory is removed (see HeldSignals).
     """
     src, out = run_path(src), run_path(out)
+    with naming(src):
+        is_dir = src.is_dir()
+    if is_dir:
+        return convert_hf(
+            src,
+            out,
+            arch=arch,
+            encoder_only=encoder_only,
+            norm_pix_loss=norm_pix_loss,
+            force=force,
+            settings=settings,
+            strict=strict,
+        )
     return_large_blocks_to_the_system()
-    with naming(out):
-        if out.exists() and not force:
-            raise ConversionError(f"{out}: already exists (pass --force to replace it)")
+    _refuse_existing(out, force)
     digest = hashlib.sha256()  # of the file, computed while it is read
     obj = read_pth(src, progress=progress, digest=digest, allow_overlap=False)
     sd = extract_state_dict(obj, src)
@@ -300,58 +318,198 @@ def convert_pth(
                 norm_pix_source = "given on the command line"
             config = config.replace(norm_pix_loss=norm_pix_loss)
 
-        import jax
-        from flax import nnx
-
-        abstract = abstract_model(model_type, config)
-        graphdef, state = nnx.split(abstract)
         gaps = {k: _pos_table_gap(sd, k) for k in ("pos_embed", "decoder_pos_embed")}
-        # One tensor at a time: each is transposed, made a JAX array and its source dropped, so
-        # the model is never held twice (peak memory about the file's size). A kernel is
-        # transposed into the memory of an earlier one of its size (reuse), and the JAX arrays use
-        # the NumPy arrays' memory where it is aligned (may_alias): no copies beyond the transposes.
-        values, report = mapping.state_from_official(
-            sd,
-            nnx.to_pure_dict(state),
-            ignore=ignore,
-            defaults=defaults,
-            finish=lambda value: jax.device_put(value, may_alias=True),
-            consume=True,
-            reuse=True,
+        model, report = _model_from_official(
+            sd, model_type, config, ignore=ignore, defaults=defaults
         )
     except mapping.MappingError as e:
         raise ConversionError(f"{src}: {e}") from None
-    nnx.replace_by_pure_dict(state, values)
-    del values
-    model = nnx.merge(graphdef, state)
     with naming(src):
         src_bytes = src.stat().length
-    metadata = {
+    described = {
         "preset": preset,
         "head_counts": inferred.heads,
         "family": family,
         "source": {"file": src.name, "sha256": digest.hexdigest(), "bytes": src_bytes},
-        "converter_version": CONVERTER_VERSION,
         "norm_pix_loss_source": norm_pix_source,
+        "non_finite_values": non_finite,
+    }
+    return _save_converted(model, out, described, report, gaps, force=force)
+
+
+def _save_converted(
+    model: Any,
+    out: Any,
+    described: dict,
+    report: mapping.Report,
+    gaps: Mapping[str, float | None],
+    *,
+    force: bool,
+) -> tuple[os.PathLike, dict]:
+    """Save the converted ``model`` with its metadata: ``described`` (where it came from) and
+    what the conversion found; SIGINT and SIGTERM held while it is written."""
+    metadata = {
+        **described,
+        "converter_version": CONVERTER_VERSION,
         "ignored_keys": report.ignored,
         "filled_by_default": report.filled_by_default,
         "pos_embed_max_abs_diff_from_sincos": gaps["pos_embed"],
         "decoder_pos_embed_max_abs_diff_from_sincos": gaps["decoder_pos_embed"],
-        "non_finite_values": non_finite,
     }
     with HeldSignals(out) as held:
         saved = save_model(model, out, metadata=metadata, force=force, check_interrupt=held.check)
     return saved, metadata
 
 
-DESCRIPTION = "Convert an official MAE .pth checkpoint into a mae-jax checkpoint directory."
+def _refuse_existing(out: Any, force: bool) -> None:
+    with naming(out):
+        if out.exists() and not force:
+            raise ConversionError(f"{out}: already exists (pass --force to replace it)")
+
+
+def convert_hf(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    encoder_only: bool = False,
+    norm_pix_loss: bool | None = None,
+    force: bool = False,
+    settings: Mapping[str, Any] | list[str] | None = None,
+    strict: bool = False,
+) -> tuple[os.PathLike, dict]:
+    """Convert the Hugging Face ViTMAE directory ``src`` (config.json and model.safetensors, its
+    shards, or pytorch_model.bin) into the checkpoint directory ``out``; returns (path, metadata).
+
+    The config comes from config.json (``settings`` and ``norm_pix_loss`` override its fields);
+    every key of the weights must be one the config's model has, in one of transformers'
+    spellings (see hf_format.py), with the config's shapes. A ``ViTMAEModel`` directory (no
+    decoder) becomes an encoder-only checkpoint, as does any with ``encoder_only``.
+    """
+    src, out = run_path(src), run_path(out)
+    return_large_blocks_to_the_system()
+    _refuse_existing(out, force)
+    try:
+        hf = hf_format.read_config(src)
+        weights = hf_format.read_weights(src)
+    except hf_format.HFFormatError as e:
+        raise ConversionError(str(e)) from None
+    tensors = weights.tensors
+    non_finite = check_finite(tensors, src, strict=strict, done="converted as they are")
+    if hf.architecture is None:
+        with_decoder = any(k.startswith("decoder.") for k in tensors)
+    else:
+        with_decoder = hf.architecture == hf_format.PRETRAINING
+    family = mapping.FAMILY_MAE if with_decoder else mapping.FAMILY_ENCODER
+    config = hf.config
+    try:
+        if isinstance(settings, list):
+            settings = mapping.parse_settings(settings, MAEConfig)
+        config = config.replace(**dict(settings or {}))
+        if arch is not None:
+            mapping.check_arch(arch, config.to_dict(), MAEConfig)
+    except (mapping.MappingError, ValueError, TypeError) as e:
+        raise ConversionError(f"{src}: {e}") from None
+    norm_pix_source = "config.json"
+    if norm_pix_loss is not None:
+        config = config.replace(norm_pix_loss=norm_pix_loss)
+        norm_pix_source = "given on the command line"
+
+    # Every key checked by the names and shapes of the model config.json describes, before
+    # anything is converted; the error names the keys as the files spell them.
+    from flax import nnx
+
+    source_model = abstract_model("mae" if with_decoder else "mae_encoder", config)
+    official_shapes = {
+        mapping.official_key(path): mapping.official_shape(path, tuple(leaf.shape))
+        for path, leaf in mapping.flatten_tree(nnx.to_pure_dict(nnx.state(source_model))).items()
+    }
+    spelling = hf_format.spelling_of(list(tensors))
+    expected = hf_format.expected_keys(official_shapes, spelling)
+    try:
+        hf_format.check_keys(tensors, expected)
+    except hf_format.HFFormatError as e:
+        files = list(weights.files)
+        where = src / files[0] if len(files) == 1 else f"{src} ({len(files)} shards)"
+        raise ConversionError(f"{where}: {e}") from None
+    del source_model
+    sd = hf_format.official_from_hf(tensors, expected)
+    del tensors, weights.tensors
+    model_type = "mae" if with_decoder and not encoder_only else "mae_encoder"
+    ignore = (r"decoder_.*", r"mask_token") if model_type != "mae" and with_decoder else ()
+    try:
+        # For the preset of the same sizes (the metadata's name); the shapes gave those sizes.
+        sizes = mapping.read_sizes(sd, family)
+        given = {k: v for k, v in config.to_dict().items() if k not in sizes}
+        inferred = mapping.infer_config(sd, family, given)
+        gaps = {k: _pos_table_gap(sd, k) for k in ("pos_embed", "decoder_pos_embed")}
+        model, report = _model_from_official(sd, model_type, config, ignore=ignore)
+    except mapping.MappingError as e:
+        raise ConversionError(f"{src}: {e}") from None
+    described = {
+        "preset": inferred.preset,
+        "head_counts": "from config.json",
+        "family": family,
+        "source": {
+            "format": "huggingface",
+            "directory": src.name,
+            "architecture": hf.architecture,
+            "key_names": spelling.name,
+            "files": weights.files,
+            "bytes": weights.total_bytes,
+        },
+        "norm_pix_loss_source": norm_pix_source,
+        "mask_ratio": hf.mask_ratio,
+        "non_finite_values": non_finite,
+    }
+    return _save_converted(model, out, described, report, gaps, force=force)
+
+
+def _model_from_official(
+    sd: dict[str, np.ndarray],
+    model_type: str,
+    config: MAEConfig | ViTConfig,
+    *,
+    ignore: tuple[str, ...] = (),
+    defaults: Mapping[str, np.ndarray] | None = None,
+) -> tuple[Any, mapping.Report]:
+    """The model of ``model_type`` and ``config`` holding the official state_dict ``sd`` (emptied
+    as it goes); MappingError when the keys or shapes do not fit."""
+    import jax
+    from flax import nnx
+
+    abstract = abstract_model(model_type, config)
+    graphdef, state = nnx.split(abstract)
+    # One tensor at a time: each is transposed, made a JAX array and its source dropped, so
+    # the model is never held twice (peak memory about the file's size). A kernel is
+    # transposed into the memory of an earlier one of its size (reuse), and the JAX arrays use
+    # the NumPy arrays' memory where it is aligned (may_alias): no copies beyond the transposes.
+    values, report = mapping.state_from_official(
+        sd,
+        nnx.to_pure_dict(state),
+        ignore=ignore,
+        defaults=defaults,
+        finish=lambda value: jax.device_put(value, may_alias=True),
+        consume=True,
+        reuse=True,
+    )
+    nnx.replace_by_pure_dict(state, values)
+    del values
+    return nnx.merge(graphdef, state), report
+
+
+DESCRIPTION = (
+    "Convert an official MAE .pth checkpoint, or a Hugging Face ViTMAE directory, into a mae-jax "
+    "checkpoint directory."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``pth_to_orbax.py`` and of ``mae-jax convert``."""
     p.add_argument(
         "src",
-        help="the .pth file (official layout: {'model': state_dict}, a training checkpoint, or a bare state_dict)",
+        help="the .pth file (official layout: {'model': state_dict}, a training checkpoint, or a "
+        "bare state_dict), or a Hugging Face ViTMAE directory (config.json + model.safetensors)",
     )
     p.add_argument("out", help="output checkpoint directory (must not exist unless --force)")
     p.add_argument(
@@ -422,6 +580,9 @@ def run(args: argparse.Namespace) -> int:
         return code
     out, meta = result
     kind = mapping.FAMILY_HELP[meta["family"]]
+    if meta["source"].get("format") == "huggingface":
+        source = meta["source"]
+        kind = f"a Hugging Face {source['architecture'] or 'ViTMAE'} ({source['key_names']} keys)"
     saved = read_metadata(out)
     if saved["model_type"] == "vit_classifier":
         config = saved["config"]
@@ -439,10 +600,16 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {out}: {name}, {kind}; image {config['img_size']}, patch {config['patch_size']}, "
         f"{sizes}"
     )
-    if meta["head_counts"] != "given":
+    if meta["head_counts"] not in ("given", "from config.json"):
         print(
             f"  note: head counts {meta['head_counts']} (the shapes cannot show them); "
             f"if the model had others, convert again with {_head_flags(meta['family'])}"
+        )
+    eps = config["layer_norm_eps"]
+    if meta["source"].get("format") == "huggingface" and eps != 1e-6:
+        print(
+            f"  note: LayerNorm eps {eps:g}, as config.json gives it; the official MAE used 1e-6 "
+            "(convert again with --set layer_norm_eps=1e-6 for that)"
         )
     if meta["ignored_keys"]:
         print(f"  ignored {len(meta['ignored_keys'])} keys: {', '.join(meta['ignored_keys'][:6])}")

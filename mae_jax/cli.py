@@ -1,5 +1,6 @@
 """The ``mae-jax`` command: pretrain, reconstruct, demo, export, prepare-data, eval, and the
-converter's convert, to-pth and parity (``mae_jax.convert``, the scripts of a clone's ``convert/``).
+converter's convert, to-pth, to-hf and parity (``mae_jax.convert``, the scripts of a clone's
+``convert/``).
 
 User mistakes end in one line on stderr (``mae-jax: error: ...``) and exit status 2; no tracebacks.
 A run stopped by a signal after saving exits with 75 (``multihost.EXIT_INTERRUPTED``), one stopped
@@ -577,13 +578,18 @@ def _run_eval(args) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- convert, to-pth, parity
+# --------------------------------------------------------------------------- convert, to-pth, to-hf, parity
 
 # The converter's scripts, each the one definition of its command's options (add_arguments) and
 # of what it does (run), imported only once its command is named (they import Orbax; parity, torch).
 _CONVERTER_COMMANDS = {
-    "convert": ("pth_to_orbax", "convert an official .pth checkpoint into a mae-jax checkpoint"),
+    "convert": (
+        "pth_to_orbax",
+        "convert an official .pth checkpoint or a Hugging Face ViTMAE directory into a mae-jax "
+        "checkpoint",
+    ),
     "to-pth": ("orbax_to_pth", "export a mae-jax checkpoint as an official-layout .pth file"),
+    "to-hf": ("orbax_to_hf", "export a mae-jax MAE checkpoint as a Hugging Face ViTMAE directory"),
     "parity": ("parity", "compare mae-jax with PyTorch on the same weights, input and mask"),
 }
 
@@ -637,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mae-jax",
         description=(
             "Masked Autoencoders in JAX: pretrain, reconstruct, demo, export, prepare-data, eval; "
-            "convert official .pth checkpoints, export them back, check parity with PyTorch."
+            "convert official .pth checkpoints and Hugging Face ViTMAE directories, export them "
+            "back, check parity with PyTorch."
         ),
     )
     sub = parser.add_subparsers(
