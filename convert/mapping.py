@@ -468,7 +468,7 @@ def infer_config(
     if missing and len(missing) < len(head_fields):
         heads = f"{missing[0]} assumed from {match}"
     try:
-        config = base.replace(**sizes, **settings)
+        config = base.replace(**{**sizes, **settings})  # a setting may repeat a size
     except (ValueError, TypeError) as err:
         raise MappingError(str(err)) from None
     return Inferred(config, match, heads)

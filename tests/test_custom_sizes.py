@@ -120,6 +120,9 @@ def test_a_set_that_disagrees_with_the_shapes_is_refused(custom_pth, tmp_path, c
     argv[-1] = "num_heads=5"  # 96 is not divisible by 5
     assert pth_to_orbax.main(argv) == 2
     assert "not divisible by its 5 heads" in capsys.readouterr().err
+    argv[-1] = "depth=2"  # what the shapes give: accepted, not a clash of two values
+    assert pth_to_orbax.main(argv) == 0
+    assert mae_jax.load_pretrained(tmp_path / "o").config.depth == 2
 
 
 def test_preset_widths_with_other_heads(tmp_path, capsys, monkeypatch):
