@@ -27,6 +27,8 @@ if __package__ in (None, ""):  # run as a script from a clone: a module of the p
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "convert"
 
+from flax.traverse_util import flatten_dict
+
 from mae_jax._files import atomic_write, is_url, naming, replace_dir, run_path
 from mae_jax._memory import return_large_blocks_to_the_system
 from mae_jax.checkpoint import CheckpointError, load_state, read_metadata
@@ -61,7 +63,7 @@ def export_hf(
         )
     with_decoder = meta["model_type"] == "mae"
     config = MAEConfig.from_dict(meta["config"])
-    state_dict = mapping.official_from_state_consuming(mapping.flatten_tree(load_state(checkpoint)))
+    state_dict = mapping.official_from_state_consuming(flatten_dict(load_state(checkpoint)))
     check_finite(state_dict, checkpoint, strict=strict, done="written as they are")
     tensors = hf_format.hf_from_official(state_dict, prefix="vit." if with_decoder else "")
     del state_dict

@@ -49,6 +49,7 @@ if __package__ in (None, ""):  # run as a script from a clone: a module of the p
 
 import ml_dtypes
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from mae_jax._files import naming, run_path
 from mae_jax._memory import return_large_blocks_to_the_system
@@ -422,7 +423,7 @@ def convert_hf(
     source_model = abstract_model("mae" if with_decoder else "mae_encoder", config)
     official_shapes = {
         mapping.official_key(path): mapping.official_shape(path, tuple(leaf.shape))
-        for path, leaf in mapping.flatten_tree(nnx.to_pure_dict(nnx.state(source_model))).items()
+        for path, leaf in flatten_dict(nnx.to_pure_dict(nnx.state(source_model))).items()
     }
     spelling = hf_format.spelling_of(list(tensors))
     expected = hf_format.expected_keys(official_shapes, spelling)
