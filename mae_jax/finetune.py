@@ -103,6 +103,7 @@ class FinetuneConfig:
     global_pool: bool | None = None
     seed: int = 0
     dtype: str = "auto"  # auto: bfloat16 on GPU and TPU, float32 on CPU (as pretraining)
+    attention: str = "auto"  # auto, cudnn or xla: the attention kernel, as pretraining's
     max_steps: int | None = None
     log_every: int = 20
     ckpt_every: int = 1000
@@ -307,13 +308,21 @@ def build_model(config: FinetuneConfig, num_classes: int, dtype) -> nnx.Module:
                 rngs=rngs,
                 dtype=dtype,
                 head_init_std=head_std,
+                attention=config.attention,
             )
         else:
             vit = init_classifier_from_mae(
-                source, vit_config, rngs=rngs, dtype=dtype, head_init_std=head_std
+                source,
+                vit_config,
+                rngs=rngs,
+                dtype=dtype,
+                head_init_std=head_std,
+                attention=config.attention,
             )
     else:
-        vit = VisionTransformer(vit_config, rngs=rngs, dtype=dtype, head_init_std=head_std)
+        vit = VisionTransformer(
+            vit_config, rngs=rngs, dtype=dtype, head_init_std=head_std, attention=config.attention
+        )
     return LinearProbe(vit, rngs=rngs) if config.mode == "linprobe" else vit
 
 

@@ -70,6 +70,9 @@ class PretrainConfig:
     # LayerNorm statistics, softmax and loss stay float32 in any case.
     dtype: str = "auto"
     remat: str = "none"  # activation checkpointing per block: none, block or dots (model.py)
+    # Attention kernel (model.py): auto = cuDNN's fused attention on a CUDA GPU in bfloat16, XLA's
+    # elsewhere; cudnn = that or an error; xla = never cuDNN (the way around a cuDNN refusal).
+    attention: str = "auto"
     shard_optimizer: bool = False  # ZeRO-1: each device keeps 1/n of the AdamW state
     prefetch: int = 2  # optimizer steps of images sent to the devices ahead of the step
     seed: int = 0
@@ -530,14 +533,16 @@ def split_model(model: MaskedAutoencoderViT) -> tuple[nnx.GraphDef, nnx.State, n
 
 
 def load_trained_model(
-    workdir: str | os.PathLike, dtype: Any = jnp.float32
+    workdir: str | os.PathLike, dtype: Any = jnp.float32, attention: str = "auto"
 ) -> MaskedAutoencoderViT:
     """The model of the newest checkpoint of a pretraining run directory that restores and
     matches its checksums (``Checkpoints.restore_latest``: a damaged newer step is skipped with
     one printed line)."""
     workdir = run_path(workdir)
     config = PretrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
-    model = MaskedAutoencoderViT(config.model_config(), rngs=nnx.Rngs(0), dtype=dtype)
+    model = MaskedAutoencoderViT(
+        config.model_config(), rngs=nnx.Rngs(0), dtype=dtype, attention=attention
+    )
     graphdef, params, fixed = split_model(model)
     ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
     try:
@@ -775,7 +780,11 @@ def _pretrain_with_data(
     # The lr of every optimizer step, computed once: the loop then never waits for the device.
     lr_table = np.asarray(jax.jit(plan.schedule)(np.arange(total_steps // accum)))
     model = MaskedAutoencoderViT(
-        model_config, rngs=nnx.Rngs(config.seed), dtype=dtype, remat=config.remat
+        model_config,
+        rngs=nnx.Rngs(config.seed),
+        dtype=dtype,
+        remat=config.remat,
+        attention=config.attention,
     )
     graphdef, params, fixed = split_model(model)
     decay_mask = optim.pretrain_decay_mask(params)
