@@ -161,33 +161,17 @@ def test_settings_refuse_cudnn_on_cpu_and_unknown_kernels(config_cls):
     check_settings(config_cls(attention="xla"))
 
 
-def _one_line_error(argv, capsys) -> str:
-    code = cli.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("mae-jax: error: ") and err.count("\n") == 1, err
-    return err
-
-
-def test_cli_refuses_cudnn_on_cpu_before_writing(tmp_path, capsys):
-    err = _one_line_error(
-        ["pretrain", "--workdir", tmp_path / "pre", "--set", "attention=cudnn"], capsys
-    )
-    assert "--set attention=cudnn: cuDNN's fused attention needs a CUDA GPU" in err
-    err = _one_line_error(
-        ["finetune", "--data", tmp_path, "--workdir", tmp_path / "ft", "--set", "attention=cudnn"],
-        capsys,
-    )
-    assert "--set attention=cudnn:" in err
-    err = _one_line_error(
-        ["pretrain", "--workdir", tmp_path / "pre", "--set", "attention=fa"], capsys
-    )
-    assert "--set attention=fa: must be one of auto, cudnn, xla" in err
-    assert not (tmp_path / "pre").exists() and not (tmp_path / "ft").exists()
+def test_eval_refuses_cudnn_on_cpu(tmp_path, capsys):
+    """pretrain, finetune and linprobe: tests/test_faults.py, with the other settings."""
     for dtype in ("float32", "bfloat16"):
         argv = ["eval", "--data", tmp_path, "--checkpoint", tmp_path / "none", "--attention"]
-        err = _one_line_error([*argv, "cudnn", "--dtype", dtype], capsys)
-        assert "--attention cudnn: cuDNN's fused attention needs a CUDA GPU" in err
-        assert "use --attention auto or xla" in err
+        code = cli.main([str(a) for a in [*argv, "cudnn", "--dtype", dtype]])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(
+            "mae-jax: error: --attention cudnn: cuDNN's fused attention needs a CUDA GPU, and "
+            "jax runs on cpu here; use --attention auto or xla"
+        ), err
 
 
 # ------------------------------------------------------------------ checkpoints, runs, eval
