@@ -28,9 +28,13 @@ def create_model(
     rngs: nnx.Rngs | None = None,
     with_decoder: bool = True,
     dtype: Any = jnp.float32,
+    attention: str = "auto",
     **overrides: Any,
 ) -> MaskedAutoencoderViT:
-    """A freshly initialized MAE from a preset name (e.g. ``"mae_vit_large_patch16"``) or a config."""
+    """A freshly initialized MAE from a preset name (e.g. ``"mae_vit_large_patch16"``) or a config.
+
+    ``attention``: "auto" (cuDNN's fused attention on a CUDA GPU in bfloat16, else XLA's),
+    "cudnn" (that or an error) or "xla" (never cuDNN: the way around a cuDNN refusal)."""
     config = (
         name.replace(**overrides) if isinstance(name, MAEConfig) else get_config(name, **overrides)
     )
@@ -39,6 +43,7 @@ def create_model(
         rngs=rngs if rngs is not None else nnx.Rngs(0),
         with_decoder=with_decoder,
         dtype=dtype,
+        attention=attention,
     )
 
 
@@ -47,16 +52,20 @@ def create_classifier(
     *,
     rngs: nnx.Rngs | None = None,
     dtype: Any = jnp.float32,
+    attention: str = "auto",
     **overrides: Any,
 ) -> VisionTransformer:
     """A freshly initialized ViT classifier from a preset name (e.g. ``"vit_base_patch16"``) or a
-    config; start one from a pretrained MAE with ``init_classifier_from_mae``."""
+    config (``attention`` as for ``create_model``); start one from a pretrained MAE with
+    ``init_classifier_from_mae``."""
     config = (
         name.replace(**overrides)
         if isinstance(name, ViTConfig)
         else get_vit_config(name, **overrides)
     )
-    return VisionTransformer(config, rngs=rngs if rngs is not None else nnx.Rngs(0), dtype=dtype)
+    return VisionTransformer(
+        config, rngs=rngs if rngs is not None else nnx.Rngs(0), dtype=dtype, attention=attention
+    )
 
 
 __all__ = [

@@ -24,6 +24,7 @@ from mae_jax.model import (
     Dtype,
     MaskedAutoencoderViT,
     PatchEmbed,
+    check_attention,
     layer_norm,
     linear,
     materialized_gradient,
@@ -111,7 +112,10 @@ class BatchNorm1d(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-    """ViT classifier: patch embedding, cls token, learned position table, blocks, pooling, head."""
+    """ViT classifier: patch embedding, cls token, learned position table, blocks, pooling, head.
+
+    ``attention`` picks the attention kernel, as for ``MaskedAutoencoderViT``.
+    """
 
     def __init__(
         self,
@@ -120,10 +124,13 @@ class VisionTransformer(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         head_init_std: float = FINETUNE_HEAD_STD,
+        attention: str = "auto",
     ):
+        check_attention(attention, dtype)
         c = config
         self.config = c
         self.dtype = dtype
+        self.attention = attention
         d = c.embed_dim
         self.cls_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, d)))
         # Learned here (fine-tuning trains it); starts as the sin-cos table the MAE was trained with.
@@ -131,7 +138,7 @@ class VisionTransformer(nnx.Module):
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, d, dtype, rngs)
         self.blocks = nnx.List(
             [
-                Block(d, c.num_heads, c.mlp_ratio, c.layer_norm_eps, dtype, rngs)
+                Block(d, c.num_heads, c.mlp_ratio, c.layer_norm_eps, dtype, rngs, attention)
                 for _ in range(c.depth)
             ]
         )
@@ -321,6 +328,7 @@ def init_classifier_from_mae(
     rngs: nnx.Rngs | None = None,
     dtype: Dtype = jnp.float32,
     head_init_std: float = FINETUNE_HEAD_STD,
+    attention: str = "auto",
 ) -> VisionTransformer:
     """A classifier started from a pretrained MAE encoder, the way official fine-tuning does it.
 
@@ -351,7 +359,7 @@ def init_classifier_from_mae(
             f"the encoder has {len(src['blocks'])} blocks, the classifier {config.depth}"
         )
 
-    return _new_classifier_with(src, wanted, config, rngs, dtype, head_init_std)
+    return _new_classifier_with(src, wanted, config, rngs, dtype, head_init_std, attention)
 
 
 def init_classifier_from_classifier(
@@ -362,6 +370,7 @@ def init_classifier_from_classifier(
     rngs: nnx.Rngs | None = None,
     dtype: Dtype = jnp.float32,
     head_init_std: float = FINETUNE_HEAD_STD,
+    attention: str = "auto",
 ) -> VisionTransformer:
     """A classifier that continues from another (e.g. an official fine-tuned checkpoint).
 
@@ -391,10 +400,12 @@ def init_classifier_from_classifier(
     wanted = ["cls_token", "pos_embed", "patch_embed", "blocks"]
     wanted += ["fc_norm" if c.global_pool else "norm"] + ([] if reset_head else ["head"])
     src_state = nnx.to_pure_dict(nnx.state(src))
-    return _new_classifier_with(src_state, wanted, config, rngs, dtype, head_init_std)
+    return _new_classifier_with(src_state, wanted, config, rngs, dtype, head_init_std, attention)
 
 
-def _new_classifier_with(src, wanted, config, rngs, dtype, head_init_std) -> VisionTransformer:
+def _new_classifier_with(
+    src, wanted, config, rngs, dtype, head_init_std, attention
+) -> VisionTransformer:
     """A new classifier of ``config`` with the ``wanted`` entries of the state ``src`` copied in
     (shapes checked; pos_embed interpolated to the classifier's grid)."""
     model = VisionTransformer(
@@ -402,6 +413,7 @@ def _new_classifier_with(src, wanted, config, rngs, dtype, head_init_std) -> Vis
         rngs=rngs if rngs is not None else nnx.Rngs(0),
         dtype=dtype,
         head_init_std=head_init_std,
+        attention=attention,
     )
     state = nnx.state(model)
     target = nnx.to_pure_dict(state)

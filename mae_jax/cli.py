@@ -32,7 +32,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mae_jax.checkpoint import CheckpointError
     from mae_jax.classifier import EncoderMismatchError, HeadMismatchError, NotAClassifierError
     from mae_jax.data.images import DataError
-    from mae_jax.model import MissingDecoderError
+    from mae_jax.model import AttentionError, MissingDecoderError
     from mae_jax.multihost import HostMismatchError
     from mae_jax.run_config import TrainingError
     from mae_jax.run_settings import SettingsError
@@ -43,6 +43,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         DataError,
         MissingDecoderError,
+        AttentionError,
         NotAClassifierError,
         EncoderMismatchError,
         HeadMismatchError,
@@ -71,7 +72,10 @@ def _add_run_arguments(p) -> None:
     p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
-        help="compute dtype (auto, the default: bfloat16 on GPU and TPU, float32 on CPU)",
+        help="compute dtype (auto, the default: bfloat16 on GPU and TPU, float32 on CPU); the "
+        "attention kernel is the setting attention: auto (cuDNN's fused attention on a CUDA GPU "
+        "in bfloat16, else XLA's), cudnn (that or an error), xla (never cuDNN: --set "
+        "attention=xla is the way around a card or driver where cuDNN's attention fails)",
     )
     p.add_argument(
         "--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)"
@@ -537,12 +541,26 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("--checkpoint", required=True, help="mae-jax classifier checkpoint directory")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="compute dtype (default float32: full float32 matmuls on every platform)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=["auto", "cudnn", "xla"],
+        default="auto",
+        help="attention kernel: auto (the default: cuDNN's fused attention on a CUDA GPU with "
+        "--dtype bfloat16, else XLA's), cudnn (that or an error), xla (never cuDNN: the way "
+        "around a card or driver where cuDNN's attention fails)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_eval)
 
 
 def _run_eval(args) -> int:
+    import jax
     import jax.numpy as jnp
 
     from mae_jax.classifier import NotAClassifierError
@@ -550,16 +568,22 @@ def _run_eval(args) -> int:
     from mae_jax.data.loaders import open_dataset
     from mae_jax.evaluate import evaluate
     from mae_jax.loading import load_pretrained
+    from mae_jax.model import AttentionError, check_attention
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    dtype = jnp.dtype(args.dtype)
+    try:
+        check_attention(args.attention, dtype, jax.default_backend())
+    except AttentionError as err:
+        raise UsageError(str(err).replace("attention=", "--attention ")) from None
     if _model_type(args.checkpoint) != "vit_classifier":
         raise NotAClassifierError(
             f"{args.checkpoint}: is an MAE (pretraining) checkpoint and has no classification "
             "head: fine-tune it first with mae-jax finetune"
         )
     folder = open_dataset(args.data)
-    model = load_pretrained(args.checkpoint, dtype=jnp.dtype(args.dtype))
+    model = load_pretrained(args.checkpoint, dtype=dtype, attention=args.attention)
     num_classes = model.config.num_classes
     if num_classes != len(folder.classes):
         raise DataError(

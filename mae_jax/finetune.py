@@ -210,13 +210,21 @@ def build_model(config: FinetuneConfig, num_classes: int, dtype) -> nnx.Module:
                 rngs=rngs,
                 dtype=dtype,
                 head_init_std=head_std,
+                attention=config.attention,
             )
         else:
             vit = init_classifier_from_mae(
-                source, vit_config, rngs=rngs, dtype=dtype, head_init_std=head_std
+                source,
+                vit_config,
+                rngs=rngs,
+                dtype=dtype,
+                head_init_std=head_std,
+                attention=config.attention,
             )
     else:
-        vit = VisionTransformer(vit_config, rngs=rngs, dtype=dtype, head_init_std=head_std)
+        vit = VisionTransformer(
+            vit_config, rngs=rngs, dtype=dtype, head_init_std=head_std, attention=config.attention
+        )
     return LinearProbe(vit, rngs=rngs) if config.mode == "linprobe" else vit
 
 

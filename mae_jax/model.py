@@ -166,10 +166,58 @@ class PatchEmbed(nnx.Module):
         return x + self.proj.bias[...].astype(dtype)
 
 
+# --------------------------------------------------------------------------- attention
+#
+# Which kernel computes softmax(q k^T) v, a setting of the model that is no part of its state
+# (checkpoints and parameter names are the same whichever it is):
+# - "auto": cuDNN's fused attention where it can run (a CUDA GPU with cuDNN, bfloat16 or float16
+#   compute), chosen by the platform the model is lowered for; the XLA path everywhere else.
+# - "cudnn": cuDNN's fused attention, and an AttentionError where it cannot be had.
+# - "xla": the XLA path on every platform: the way around a card or driver on which cuDNN's fused
+#   attention refuses (or fails), at the cost of its speed.
+
+ATTENTION_CHOICES = ("auto", "cudnn", "xla")
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+class AttentionError(ValueError):
+    """An attention setting this model or this machine cannot run."""
+
+
+def check_attention(attention: str, dtype: Dtype, platform: str | None = None) -> None:
+    """AttentionError when attention ``attention`` cannot run with compute ``dtype``, nor (when
+    given, as ``jax.default_backend()`` names it) on ``platform``; the model checks it without a
+    platform, since it may be lowered for another one than the host's."""
+    if attention not in ATTENTION_CHOICES:
+        raise AttentionError(
+            f"attention={attention}: must be one of {', '.join(ATTENTION_CHOICES)}"
+        )
+    if attention != "cudnn":
+        return
+    if platform is not None and platform != "gpu":
+        raise AttentionError(
+            f"attention=cudnn: cuDNN's fused attention needs a CUDA GPU, and jax runs on "
+            f"{platform} here; use attention=auto or xla"
+        )
+    if jnp.dtype(dtype) not in _CUDNN_DTYPES:
+        raise AttentionError(
+            f"attention=cudnn: cuDNN's fused attention needs bfloat16 or float16 compute, not "
+            f"{jnp.dtype(dtype).name}; use attention=auto or xla, or bfloat16 compute"
+        )
+    if not cudnn_attention_available():
+        raise AttentionError(
+            "attention=cudnn: cuDNN's fused attention is not available here (this jax has no "
+            "CUDA plugin with cuDNN); use attention=auto or xla"
+        )
+
+
 class Attention(nnx.Module):
-    def __init__(self, dim: int, num_heads: int, dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, num_heads: int, dtype: Dtype, rngs: nnx.Rngs, attention: str = "auto"
+    ):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
+        self.attention = attention  # ATTENTION_CHOICES; checked by the model that holds it
         self.qkv = linear(dim, 3 * dim, dtype, rngs)
         self.proj = linear(dim, dim, dtype, rngs)
 
@@ -178,7 +226,11 @@ class Attention(nnx.Module):
         h = self.num_heads
         # Fused features are [q (all heads) | k | v], each head's dims contiguous.
         qkv = self.qkv(x_NxTxD).reshape(n, t, 3, h, d // h)
-        if qkv.dtype in (jnp.bfloat16, jnp.float16) and cudnn_attention_available():
+        if self.attention == "cudnn":
+            out = _cudnn_attention(qkv, self.scale)
+        elif (
+            self.attention == "auto" and qkv.dtype in _CUDNN_DTYPES and cudnn_attention_available()
+        ):
             # The scale is bound, not passed: platform_dependent would turn it into a tracer.
             out = jax.lax.platform_dependent(
                 qkv,
@@ -281,9 +333,11 @@ class Block(nnx.Module):
     and their outputs are added to it in float32.
     """
 
-    def __init__(self, dim, num_heads, mlp_ratio, eps, dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, dim, num_heads, mlp_ratio, eps, dtype: Dtype, rngs: nnx.Rngs, attention: str = "auto"
+    ):
         self.norm1 = layer_norm(dim, eps, rngs)
-        self.attn = Attention(dim, num_heads, dtype, rngs)
+        self.attn = Attention(dim, num_heads, dtype, rngs, attention)
         self.norm2 = layer_norm(dim, eps, rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs)
 
@@ -370,6 +424,8 @@ class MaskedAutoencoderViT(nnx.Module):
 
     ``with_decoder=False`` builds the encoder alone (the layout of the released encoder-only
     pretraining checkpoints); reconstruction and the loss then raise ``MissingDecoderError``.
+    ``attention`` picks the attention kernel (``ATTENTION_CHOICES``; "cudnn" raises
+    ``AttentionError`` where it cannot run).
     """
 
     def __init__(
@@ -380,14 +436,17 @@ class MaskedAutoencoderViT(nnx.Module):
         with_decoder: bool = True,
         dtype: Dtype = jnp.float32,
         remat: str = "none",
+        attention: str = "auto",
     ):
         c = config
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+        check_attention(attention, dtype)
         self.config = c
         self.with_decoder = with_decoder
         self.dtype = dtype
         self.remat = remat
+        self.attention = attention
         normal = nnx.initializers.normal(0.02)
 
         self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, c.embed_dim), jnp.float32))
@@ -395,7 +454,9 @@ class MaskedAutoencoderViT(nnx.Module):
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim, dtype, rngs)
         self.blocks = nnx.List(
             [
-                Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.layer_norm_eps, dtype, rngs)
+                Block(
+                    c.embed_dim, c.num_heads, c.mlp_ratio, c.layer_norm_eps, dtype, rngs, attention
+                )
                 for _ in range(c.depth)
             ]
         )
@@ -408,7 +469,9 @@ class MaskedAutoencoderViT(nnx.Module):
         self.decoder_embed = linear(c.embed_dim, dd, dtype, rngs)
         self.decoder_blocks = nnx.List(
             [
-                Block(dd, c.decoder_num_heads, c.mlp_ratio, c.layer_norm_eps, dtype, rngs)
+                Block(
+                    dd, c.decoder_num_heads, c.mlp_ratio, c.layer_norm_eps, dtype, rngs, attention
+                )
                 for _ in range(c.decoder_depth)
             ]
         )

@@ -74,6 +74,9 @@ class PretrainConfig(RunConfig):
     # LayerNorm statistics, softmax and loss stay float32 in any case.
     dtype: str = "auto"
     remat: str = "none"  # activation checkpointing per block: none, block or dots (model.py)
+    # Attention kernel (model.py): auto = cuDNN's fused attention on a CUDA GPU in bfloat16, XLA's
+    # elsewhere; cudnn = that or an error; xla = never cuDNN (the way around a cuDNN refusal).
+    attention: str = "auto"
     shard_optimizer: bool = False  # ZeRO-1: each device keeps 1/n of the AdamW state
     prefetch: int = 2  # optimizer steps of images sent to the devices ahead of the step
     seed: int = 0
@@ -149,6 +152,7 @@ class FinetuneConfig(RunConfig):
     global_pool: bool | None = None
     seed: int = 0
     dtype: str = "auto"  # auto: bfloat16 on GPU and TPU, float32 on CPU (as pretraining)
+    attention: str = "auto"  # auto, cudnn or xla: the attention kernel, as pretraining's
     max_steps: int | None = None
     log_every: int = 20
     ckpt_every: int = 1000

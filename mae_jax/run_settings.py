@@ -4,7 +4,8 @@ Shared by pretraining and fine-tuning (both configs are frozen dataclasses with 
 fields). ``check_settings`` refuses a bad value in one line naming the setting;
 ``compare_with_saved`` decides which changes a resumed run may make: those that do not change
 what a step computes from the state (intervals, the number of checkpoints kept, the loader's
-threads and workers, prefetching, ``max_steps``, ``restore_step``) and the learning-rate schedule
+threads and workers, prefetching, ``max_steps``, ``restore_step``, activation checkpointing, the
+attention kernel) and the learning-rate schedule
 (``lr``, ``blr``, ``min_lr``, ``warmup_epochs``: the way forward after a diverged run), each one
 printed; the rest are refused naming the field. Model sizes are compared as resolved (preset
 plus changes), so restating a preset's own value is no change.
@@ -38,6 +39,7 @@ FREE_ON_RESUME = frozenset(
         "worker_count",
         "prefetch",
         "remat",
+        "attention",
         "shard_optimizer",
     }
 )
@@ -93,6 +95,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prefetch": _int(0),
     "remat": _one_of("none", "block", "dots"),
     "dtype": _one_of("auto", "float32", "bfloat16"),
+    "attention": _one_of("auto", "cudnn", "xla"),
     "mode": _one_of("finetune", "linprobe"),
     "layer_decay": _real(0, 1, open_low=True),
     "drop_path": _real(0, 1, open_high=True),
@@ -122,6 +125,8 @@ def check_settings(config: Any, num_patches: int | None = None) -> None:
             f"--set warmup_epochs={warmup}: must be below epochs ({epochs}), or the schedule "
             "never leaves its warmup"
         )
+    if values.get("attention") == "cudnn":
+        _check_cudnn_here(values.get("dtype", "auto"))
     ratio = values.get("mask_ratio")
     if ratio is not None and num_patches is not None:
         kept = int(num_patches * (1 - ratio))
@@ -130,6 +135,21 @@ def check_settings(config: Any, num_patches: int | None = None) -> None:
                 f"--set mask_ratio={ratio}: keeps {kept} of the model's {num_patches} patches; "
                 "at least one must be kept and one masked"
             )
+
+
+def _check_cudnn_here(dtype: str) -> None:
+    """SettingsError unless cuDNN's fused attention can run in this process with the ``dtype``
+    setting (its "auto" is bfloat16 on a GPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mae_jax.model import AttentionError, check_attention
+
+    compute = jnp.float32 if dtype == "float32" else jnp.bfloat16
+    try:
+        check_attention("cudnn", compute, jax.default_backend())
+    except AttentionError as err:
+        raise SettingsError(f"--set {err}") from None
 
 
 def compare_with_saved(

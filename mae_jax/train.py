@@ -207,7 +207,11 @@ def _pretrain_with_data(
     # The lr of every optimizer step, computed once: the loop then never waits for the device.
     lr_table = np.asarray(jax.jit(plan.schedule)(np.arange(total_steps // accum)))
     model = MaskedAutoencoderViT(
-        model_config, rngs=nnx.Rngs(config.seed), dtype=dtype, remat=config.remat
+        model_config,
+        rngs=nnx.Rngs(config.seed),
+        dtype=dtype,
+        remat=config.remat,
+        attention=config.attention,
     )
     graphdef, param_states, fixed_states = split_model(model)
     # The step's state is plain nested dicts, not nnx.State: jax takes dicts apart and builds

@@ -71,6 +71,8 @@ def _steps(workdir: Path) -> list[int]:
         ("img_size=0", "img_size=0: must be an integer >= 1"),
         ("seed=-1", "seed=-1: must be an integer >= 0"),
         ("remat=foo", "remat=foo: must be one of none, block, dots"),
+        ("attention=foo", "attention=foo: must be one of auto, cudnn, xla"),
+        ("attention=cudnn", "attention=cudnn: cuDNN's fused attention needs a CUDA GPU"),
         ("keep_checkpoints=0", "keep_checkpoints=0: must be an integer >= 1"),
         ("keep_checkpoints=-1", "keep_checkpoints=-1: must be an integer >= 1"),
         ("lr=-0.001", "lr=-0.001: must be a number > 0"),
@@ -97,6 +99,7 @@ def test_a_bad_setting_is_one_line_before_anything_is_written(tmp_path, capsys, 
         ("finetune", "blr=-0.001", "blr=-0.001: must be a number > 0"),
         ("linprobe", "accum_iter=0", "accum_iter=0: must be an integer >= 1"),
         ("linprobe", "warmup_epochs=90", "warmup_epochs=90: must be below epochs (90)"),
+        ("finetune", "attention=cudnn", "attention=cudnn: cuDNN's fused attention needs a CUDA"),
     ],
 )
 def test_fine_tuning_checks_its_settings_the_same_way(tmp_path, capsys, mode, setting, message):
