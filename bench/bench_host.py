@@ -11,6 +11,9 @@ as a Python int, the lr as a NumPy scalar), beside:
 
 - the same for a bare pmapped function of the same leaves as plain dicts (same in_axes, same
   donation, same outputs, no computation): what a call costs at the least;
+- "update": the same leaves with every output computed (each leaf times the lr, no model): what
+  the runtime does per output buffer, which the bare function (returning its donated inputs)
+  skips;
 - the device time of the step on an H100 (989 TFLOP/s dense bf16) at 50% MFU and 64 images per
   chip, from the analytic FLOP count (``_accel.analytic_train_flops``): the host must dispatch
   faster than that, or the device waits for it.
@@ -117,22 +120,35 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     images = np.zeros((n_dev, 1, 1, config.img_size, config.img_size, config.in_chans), np.uint8)
     key, lr = jax.random.key(0), np.float32(1e-4)
 
-    # The bare function first, on its own zeros (freed before the real state is made).
-    bare = jax.pmap(
-        lambda p, o, f, imgs, key, step, lr: (p, o, {"loss": lr, "grad_norm": lr}),
-        in_axes=(0, 0, 0, 0, None, None, None),
-        donate_argnums=(0, 1),
-    )
-    p, o, bare_fixed = _zeros_on_devices((abstract_params, abstract_opt, abstract_fixed), n_dev)
+    def scaled(tree, lr):
+        return jax.tree.map(lambda x: x * lr.astype(x.dtype), tree)
 
-    def bare_call(state):
-        p, o, step = state
-        out = bare(p, o, bare_fixed, images, key, step, lr)
-        return out, (out[0], out[1], step + 1)
+    # The bare function first, on its own zeros (freed before the real state is made); then the
+    # same leaves, each output computed (one multiply per leaf, no model): the runtime's work
+    # per output buffer, which a function that returns its donated inputs does not do.
+    bare_times = {}
+    for name, outputs in (
+        ("bare", lambda p, o, lr: (p, o)),
+        ("update", lambda p, o, lr: (scaled(p, lr), scaled(o, lr))),
+    ):
+        fn = jax.pmap(
+            lambda p, o, f, imgs, key, step, lr, outputs=outputs: (
+                *outputs(p, o, lr),
+                {"loss": lr, "grad_norm": lr},
+            ),
+            in_axes=(0, 0, 0, 0, None, None, None),
+            donate_argnums=(0, 1),
+        )
+        p, o, bare_fixed = _zeros_on_devices((abstract_params, abstract_opt, abstract_fixed), n_dev)
 
-    # The state is donated call after call; the last outputs go when the timing returns.
-    bare_times = time_dispatch(bare_call, (p, o, 0), args.bare_calls, args.warmup)
-    del p, o
+        def bare_call(state, fn=fn, bare_fixed=bare_fixed):
+            p, o, step = state
+            out = fn(p, o, bare_fixed, images, key, step, lr)
+            return out, (out[0], out[1], step + 1)
+
+        # The state is donated call after call; the last outputs go when the timing returns.
+        bare_times[name] = time_dispatch(bare_call, (p, o, 0), args.bare_calls, args.warmup)
+        del p, o, bare_fixed
 
     # The real step, called as train.pretrain calls it.
     step_fn = pretrain_step.make_p_train_step(graphdef, tx, 0.75, config.num_patches)
@@ -152,7 +168,7 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     return {
         "leaves": leaves,
         "real": real_times,
-        "bare": bare_times,
+        **bare_times,
         "seconds": seconds,
         "device_s": _accel.device_seconds_at(flops, H100_TFLOPS, 0.5),
     }
@@ -172,12 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.size_list:
         preset = _accel.SIZES[size]
         r = measure(preset, args)
-        ms = {(k, t): 1e3 * statistics.median(r[k][t]) for k in ("real", "bare") for t in r[k]}
+        ms = {
+            (k, t): 1e3 * statistics.median(r[k][t])
+            for k in ("real", "bare", "update")
+            for t in r[k]
+        }
         print(
             f"{preset}: {r['leaves']} leaves; step {ms['real', 'cpu']:.2f} ms CPU, "
             f"{ms['real', 'wall']:.2f} ms wall (p10-p90 {_percentiles_ms(r['real']['wall'])}); "
             f"bare {ms['bare', 'cpu']:.2f} ms CPU, {ms['bare', 'wall']:.2f} ms wall "
-            f"({_percentiles_ms(r['bare']['wall'])}); a whole step here "
+            f"({_percentiles_ms(r['bare']['wall'])}); update {ms['update', 'cpu']:.2f} ms CPU; "
+            "a whole step here "
             f"{1e3 * statistics.median(r['real']['whole']):.0f} ms; {r['seconds']:.0f} s in all "
             "with the compile",
             flush=True,
@@ -187,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             (
                 f"{size} ({r['leaves']} leaves)",
                 f"{ms['real', 'cpu']:.2f} ms",
-                f"bare {ms['bare', 'cpu']:.2f} ms, step/bare "
+                f"bare {ms['bare', 'cpu']:.2f} ms, update {ms['update', 'cpu']:.2f} ms, step/bare "
                 f"{ms['real', 'cpu'] / ms['bare', 'cpu']:.2f}x (wall {ms['real', 'wall']:.2f} "
                 f"and {ms['bare', 'wall']:.2f} ms); H100 at 50% MFU, {DEVICE_BATCH}/chip: "
                 f"{device_ms:.3g} ms ({'host ahead' if ms['real', 'cpu'] < device_ms else 'HOST BEHIND'})",
