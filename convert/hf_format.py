@@ -33,6 +33,8 @@ import numpy as np
 from mae_jax._files import naming, run_path
 from mae_jax.config import MAEConfig
 
+from . import mapping
+
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -493,14 +495,8 @@ def check_keys(
         if k in tensors and tuple(tensors[k].shape) != expected[k][2]
     ]
     if missing or unexpected or mismatched:
-        parts = [f"+ unexpected {k}" for k in unexpected] + [f"- missing {k}" for k in missing]
-        parts += [f"! shape {m}" for m in mismatched]
-        shown = "; ".join(parts[:12]) + (
-            f"; ... ({len(parts) - 12} more)" if len(parts) > 12 else ""
-        )
         raise HFFormatError(
-            f"{len(unexpected)} unexpected, {len(missing)} missing, {len(mismatched)} mis-shaped "
-            f"keys against config.json: {shown}"
+            mapping.key_mismatch(unexpected, missing, mismatched, against="config.json")
         )
 
 

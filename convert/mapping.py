@@ -70,6 +70,20 @@ def official_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def key_mismatch(
+    unexpected: list[str], missing: list[str], mismatched: list[str], against: str = ""
+) -> str:
+    """One line on keys that do not fit (``against`` what, if said): the counts, then the first
+    12 keys (+ unexpected, - missing, ! shape)."""
+    parts = [f"+ unexpected {k}" for k in unexpected] + [f"- missing {k}" for k in missing]
+    parts += [f"! shape {m}" for m in mismatched]
+    shown = "; ".join(parts[:12]) + (f"; ... ({len(parts) - 12} more)" if len(parts) > 12 else "")
+    return (
+        f"{len(unexpected)} unexpected, {len(missing)} missing, {len(mismatched)} mis-shaped "
+        f"keys{f' against {against}' if against else ''}: {shown}"
+    )
+
+
 def state_from_official(
     state_dict: MutableMapping[str, np.ndarray],
     target: Mapping,
@@ -123,15 +137,7 @@ def state_from_official(
         else:
             unexpected.append(key)
     if missing or unexpected or mismatched:
-        parts = [f"+ unexpected {k}" for k in unexpected] + [f"- missing {k}" for k in missing]
-        parts += [f"! shape {m}" for m in mismatched]
-        shown = "; ".join(parts[:12]) + (
-            f"; ... ({len(parts) - 12} more)" if len(parts) > 12 else ""
-        )
-        raise MappingError(
-            f"{len(unexpected)} unexpected, {len(missing)} missing, {len(mismatched)} mis-shaped "
-            f"keys: {shown}"
-        )
+        raise MappingError(key_mismatch(unexpected, missing, mismatched))
     out = {}
     spare = _SpareBuffers(state_dict) if reuse and consume else None
     for path, key in sources.items():
