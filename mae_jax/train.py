@@ -215,8 +215,9 @@ def _pretrain_with_data(
     )
     graphdef, param_states, fixed_states = split_model(model)
     # The step's state is plain nested dicts, not nnx.State: jax takes dicts apart and builds
-    # them again in C++, so a call of the step costs the host a fraction of what the State
-    # wrappers cost (bench/bench_host.py). Checkpoints hold the same leaves either way.
+    # them again in C++, without the Python work per call that State wrappers need (what is
+    # left of the host's time per call is measured by bench/bench_host.py). Checkpoints hold
+    # the same leaves either way.
     params = nnx.to_pure_dict(param_states)
     decay_mask = optim.pretrain_decay_mask(params)
     tx = optim.pretrain_direction(weight_decay=config.weight_decay, mask=decay_mask)
