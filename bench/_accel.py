@@ -290,7 +290,7 @@ def build_step(
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from mae_jax import optim, pretrain_step, replication
+    from mae_jax import pretrain_step, replication
     from mae_jax.config import get_config
 
     config = get_config(preset, norm_pix_loss=True)
@@ -301,18 +301,26 @@ def build_step(
     accum_iter = 1
     abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(seed)))
     graphdef, abstract_params, abstract_fixed = pretrain_step.split_model(abstract_model)
-    decay_mask = optim.pretrain_decay_mask(abstract_params)
-    tx = optim.pretrain_direction(
-        weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1], mask=decay_mask
+    # Parameters and optimizer state packed by weight-decay group, as the training loop passes
+    # them.
+    packing, tx = pretrain_step.packed_pretrain_optimizer(
+        nnx.to_pure_dict(abstract_params), weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1]
     )
-    shards = pretrain_step.OptimizerShards(abstract_params, n_dev) if zero else None
+    packed_params = packing.abstract()
+    shards = pretrain_step.OptimizerShards(packed_params, n_dev) if zero else None
     step_fn = pretrain_step.make_train_step(
-        graphdef, tx, mask_ratio=MASK_RATIO, num_patches=config.num_patches, shards=shards
+        graphdef,
+        tx,
+        mask_ratio=MASK_RATIO,
+        num_patches=config.num_patches,
+        shards=shards,
+        packing=packing,
     )
 
     # The optimizer state as one device holds it: the full state, or its slices of every
-    # parameter (flat [k] leaves, laid out as [n * k] over the mesh) beside replicated scalars.
-    local_opt = jax.eval_shape(tx.init, shards.template() if zero else abstract_params)
+    # packed buffer (flat [k] leaves, laid out as [n * k] over the mesh) beside replicated
+    # scalars.
+    local_opt = jax.eval_shape(tx.init, shards.template() if zero else packed_params)
 
     def opt_spec(leaf):
         return P(replication.AXIS) if zero and leaf.ndim >= 1 else P()
@@ -344,6 +352,7 @@ def build_step(
 
         def init():
             _, params, fixed = pretrain_step.split_model(make_model(nnx.Rngs(seed)))
+            params = packing.pack(nnx.to_pure_dict(params))
             opt_state = tx.init(params)
             if zero:  # zero slices, as a fresh run's AdamW moments are zero anyway
                 opt_state = jax.tree.map(
@@ -371,7 +380,7 @@ def build_step(
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
 
         args = (
-            jax.tree.map(replicated_struct, abstract_params),
+            jax.tree.map(replicated_struct, packed_params),
             jax.tree.map(
                 lambda leaf, spec: jax.ShapeDtypeStruct(
                     global_opt_shape(leaf, spec), leaf.dtype, sharding=NamedSharding(mesh, spec)

@@ -100,18 +100,24 @@ def jax_setup(config, dtype_name: str, lr: float, seed: int = 0):
 class JaxTrainer:
     """The real ``make_p_train_step`` over the local device(s), state threaded from step to step."""
 
-    def __init__(
-        self, graphdef, params, fixed, tx, opt_state, num_patches: int, lr: float, seed: int = 0
-    ):
+    def __init__(self, graphdef, params, fixed, num_patches: int, lr: float, seed: int = 0):
         import jax
+        from flax import nnx
 
         from mae_jax import pretrain_step, replication
 
+        # Parameters and AdamW state packed by weight-decay group, as train.pretrain lays them out.
+        packing, tx = pretrain_step.packed_pretrain_optimizer(
+            nnx.to_pure_dict(params), weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1]
+        )
+        packed = packing.pack(nnx.to_pure_dict(params))
         self.n_dev = jax.local_device_count()
-        self.params = replication.replicate(params, self.n_dev)
-        self.opt_state = replication.replicate(opt_state, self.n_dev)
+        self.params = replication.replicate(packed, self.n_dev)
+        self.opt_state = replication.replicate(tx.init(packed), self.n_dev)
         self.fixed = replication.replicate(fixed, self.n_dev)
-        self.p_step = pretrain_step.make_p_train_step(graphdef, tx, MASK_RATIO, num_patches)
+        self.p_step = pretrain_step.make_p_train_step(
+            graphdef, tx, MASK_RATIO, num_patches, packing=packing
+        )
         self.key = jax.random.key(seed)
         self.lr = np.float32(lr)
         self.step_count = 0
@@ -252,7 +258,7 @@ def memory_child(args: argparse.Namespace) -> int:
         import jax
 
         model, graphdef, params, fixed, tx, opt_state = jax_setup(config, args.dtype, lr)
-        trainer = JaxTrainer(graphdef, params, fixed, tx, opt_state, config.num_patches, lr)
+        trainer = JaxTrainer(graphdef, params, fixed, config.num_patches, lr)
         # train.pretrain() keeps its unreplicated params and opt_state alive through the loop;
         # the step itself does not need them.
         host_bytes = sum(x.nbytes for x in jax.tree.leaves((params, fixed, opt_state)))
@@ -428,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     # Timed before any torch model exists: in a process that also runs torch steps the JAX step
     # is slower and far more variable (see the README), so this is what a JAX-only training
     # process sees. The trainer works on its own replicated copies of the state.
-    alone = JaxTrainer(graphdef, params, fixed, tx, opt_state, config.num_patches, lr)
+    alone = JaxTrainer(graphdef, params, fixed, config.num_patches, lr)
     alone.step(imgs)  # compiles
     alone_times = _common.interleaved_times(
         {"jax alone": functools.partial(alone.step, imgs)}, reps=args.reps
@@ -484,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     # ---------------------------------------------------------------- 2. time per step
-    trainer = JaxTrainer(graphdef, params, fixed, tx, opt_state, config.num_patches, lr)
+    trainer = JaxTrainer(graphdef, params, fixed, config.num_patches, lr)
     start = time.perf_counter()
     first_metrics = trainer.step(imgs)
     compile_s = time.perf_counter() - start

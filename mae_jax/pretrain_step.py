@@ -21,9 +21,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mae_jax import masking, multihost
+from mae_jax import masking, multihost, optim
 from mae_jax.model import FixedEmbedding, MaskedAutoencoderViT
 from mae_jax.normalization import IMAGENET, Normalization
+from mae_jax.packing import Packing
 from mae_jax.replication import AXIS
 
 
@@ -94,6 +95,7 @@ def train_step(
     num_patches: int,
     shards: OptimizerShards | None = None,
     norm: Normalization = IMAGENET,
+    packing: Packing | None = None,
 ) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
     """One optimizer step on one device, over ``A = accum_iter`` micro-batches [A, N, H, W, C].
 
@@ -102,21 +104,29 @@ def train_step(
     ``tx`` is the optimizer without its learning rate (``optim.pretrain_direction``); ``lr`` comes
     from the host. Micro-batch i draws its masks for micro-step ``step + i``. uint8 images are
     normalised on the device with ``norm``.
+
+    With ``packing``, ``params`` and the parameter-shaped parts of ``opt_state`` are its flat
+    buffers (what the training loop passes): the model reads static slices of them, and the
+    gradients are packed the same way, so that all-reduce, optimizer and update run on a few
+    large buffers.
     """
     accum = imgs_AxNxHxWxC.shape[0]
     args = (graphdef, mask_ratio, num_patches)
-    if accum == 1:
+    tree = params if packing is None else packing.unpack(params)
+
+    def local(imgs, micro_step):
         loss, grads = _local_loss_and_grads(
-            params, fixed, to_model_input(imgs_AxNxHxWxC[0], norm), key, step, *args
+            tree, fixed, to_model_input(imgs, norm), key, micro_step, *args
         )
+        return loss, (grads if packing is None else packing.pack(grads))
+
+    if accum == 1:
+        loss, grads = local(imgs_AxNxHxWxC[0], step)
     else:
 
         def micro(carry, i_imgs):
             i, imgs = i_imgs
-            loss_i, grads_i = _local_loss_and_grads(
-                params, fixed, to_model_input(imgs, norm), key, step + i, *args
-            )
-            return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+            return jax.tree.map(jnp.add, carry, local(imgs, step + i)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
         (loss, grads), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), imgs_AxNxHxWxC))
@@ -238,6 +248,23 @@ class OptimizerShards:
         return jax.tree.map(join, local, full_like)
 
 
+def packed_pretrain_optimizer(
+    params: Any, **adamw: float
+) -> tuple[Packing, optax.GradientTransformation]:
+    """How the training loop lays out ``params`` (plain nested dicts, or their shapes) for the
+    step, and the optimizer on that layout.
+
+    The packing has two flat buffers, the parameters with weight decay (``"decay"``) and those
+    without (``"no_decay"``, the official rule: ``optim.pretrain_decay_mask``), and ``tx`` is
+    ``optim.pretrain_direction`` (``adamw``: its weight_decay, b1, b2, eps) with decay on the
+    first only: the same update, leaf for leaf, as the unpacked optimizer.
+    """
+    decays = optim.pretrain_decay_mask(params)
+    packing = Packing(params, jax.tree.map(lambda d: "decay" if d else "no_decay", decays))
+    mask = {group: group == "decay" for group in packing.groups}
+    return packing, optim.pretrain_direction(mask=mask, **adamw)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -246,6 +273,7 @@ def make_train_step(
     num_patches: int,
     shards: OptimizerShards | None = None,
     norm: Normalization = IMAGENET,
+    packing: Packing | None = None,
 ) -> Callable:
     """The pure per-device step, its static settings bound; collectives over ``AXIS``."""
     return functools.partial(
@@ -256,6 +284,7 @@ def make_train_step(
         num_patches=num_patches,
         shards=shards,
         norm=norm,
+        packing=packing,
     )
 
 
@@ -266,15 +295,23 @@ def make_p_train_step(
     num_patches: int,
     shards: OptimizerShards | None = None,
     norm: Normalization = IMAGENET,
+    packing: Packing | None = None,
 ) -> Callable:
     """``train_step`` over every local device: the only ``jax.pmap`` of training.
 
     Arguments: params and fixed tables replicated (leading device axis), the optimizer state
     replicated or, with ``shards``, one slice per device; images [devices, A, N, H, W, C]; then
-    the base key, the micro-step and the lr, shared by all devices.
+    the base key, the micro-step and the lr, shared by all devices. With ``packing``, params and
+    optimizer state come packed (see ``train_step``).
     """
     step_fn = make_train_step(
-        graphdef, tx, mask_ratio=mask_ratio, num_patches=num_patches, shards=shards, norm=norm
+        graphdef,
+        tx,
+        mask_ratio=mask_ratio,
+        num_patches=num_patches,
+        shards=shards,
+        norm=norm,
+        packing=packing,
     )
     return jax.pmap(
         step_fn, axis_name=AXIS, in_axes=(0, 0, 0, 0, None, None, None), donate_argnums=(0, 1)

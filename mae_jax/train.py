@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mae_jax import multihost, optim
+from mae_jax import multihost
 from mae_jax.config import MAEConfig
 from mae_jax.model import MaskedAutoencoderViT
 from mae_jax.normalization import Normalization
@@ -28,6 +28,7 @@ from mae_jax.pretrain_step import (
     OptimizerShards,
     TrainState,
     make_p_train_step,
+    packed_pretrain_optimizer,
     split_model,
 )
 from mae_jax.replication import AXIS, local_axis_indices, replicate, shard_batch, unreplicate
@@ -214,16 +215,16 @@ def _pretrain_with_data(
         attention=config.attention,
     )
     graphdef, param_states, fixed_states = split_model(model)
-    # The step's state is plain nested dicts, not nnx.State: jax takes dicts apart and builds
-    # them again in C++, without the Python work per call that State wrappers need (what is
-    # left of the host's time per call is measured by bench/bench_host.py). Checkpoints hold
-    # the same leaves either way.
+    # The step takes the parameters and the optimizer state packed into one flat buffer per
+    # weight-decay group (mae_jax.packing): a call then hands the runtime a few buffers instead
+    # of one per parameter and moment, and the host keeps ahead of the device
+    # (bench/bench_host.py). Checkpoints hold the unpacked trees, as before.
     params = nnx.to_pure_dict(param_states)
-    decay_mask = optim.pretrain_decay_mask(params)
-    tx = optim.pretrain_direction(weight_decay=config.weight_decay, mask=decay_mask)
-    opt_state = tx.init(params)  # the full state, as checkpoints hold it
+    packing, tx = packed_pretrain_optimizer(params, weight_decay=config.weight_decay)
+    # The initial optimizer state as checkpoints hold it (per parameter), to restore into.
+    opt_state = packing.unpack_state(jax.tree.map(np.asarray, tx.init(packing.pack(params))))
     shards = (
-        OptimizerShards(params, jax.device_count(), local_axis_indices(n_dev))
+        OptimizerShards(packing.abstract(), jax.device_count(), local_axis_indices(n_dev))
         if config.shard_optimizer
         else None
     )
@@ -235,18 +236,19 @@ def _pretrain_with_data(
         ckpts, {"params": param_states, "fixed": fixed_states}, opt_state, loader, config, changes
     )
     params, fixed = nnx.to_pure_dict(param_states), nnx.to_pure_dict(fixed_states)
+    opt_state = packing.pack_state(jax.tree.map(np.asarray, opt_state))
     full_opt_like = jax.tree.map(np.asarray, opt_state)
     if shards is None:
         device_opt = replicate(opt_state, n_dev)
     else:
         device_opt = shards.shard(opt_state, tx.init(shards.template()))
     state = TrainState(
-        graphdef, replicate(params, n_dev), replicate(fixed, n_dev), device_opt, step
+        graphdef, replicate(packing.pack(params), n_dev), replicate(fixed, n_dev), device_opt, step
     )
     # The replicas are the state from here on: free the host copies (1.3 GB for ViT-B).
     del model, param_states, fixed_states, params, fixed, opt_state, device_opt
     p_train_step = make_p_train_step(
-        graphdef, tx, config.mask_ratio, model_config.num_patches, shards, norm
+        graphdef, tx, config.mask_ratio, model_config.num_patches, shards, norm, packing
     )
     base_key = jax.random.key(config.seed)
     batches = device_batches(
@@ -282,7 +284,8 @@ def _pretrain_with_data(
         return rows
 
     def write_figure():
-        model = nnx.merge(graphdef, unreplicate(state.params), unreplicate(state.fixed))
+        params = packing.unpack(unreplicate(state.params))
+        model = nnx.merge(graphdef, params, unreplicate(state.fixed))
         _write_reconstructions(
             model, recon_imgs, workdir, state.step, config.seed, config.mask_ratio, norm
         )
@@ -303,8 +306,11 @@ def _pretrain_with_data(
         lock.check()
         ckpts.save(
             state.step,
-            {"params": unreplicate(state.params), "fixed": unreplicate(state.fixed)},
-            opt_host,
+            {
+                "params": packing.unpack(unreplicate(state.params)),
+                "fixed": unreplicate(state.fixed),
+            },
+            packing.unpack_state(opt_host),
             meta,
         )
         metrics_log.flush()

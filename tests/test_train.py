@@ -20,7 +20,7 @@ from flax import nnx
 from PIL import Image
 
 import mae_jax
-from mae_jax import masking, optim, pretrain_step, replication, run_config, train
+from mae_jax import masking, optim, pretrain_step, replication, run_checkpoints, run_config, train
 from mae_jax.run_settings import SettingsError
 
 TINY = "mae_vit_tiny_patch4"
@@ -195,46 +195,63 @@ def test_resume_gives_the_same_losses_bitwise_with_one_compile_per_start(folder,
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
 
 
-def test_the_step_takes_plain_dicts_whose_leaves_are_the_checkpoints_leaves(
+def test_the_step_takes_packed_buffers_and_checkpoints_keep_the_per_parameter_trees(
     folder, tmp_path, monkeypatch
 ):
-    """The loop hands the pmapped step plain nested dicts (jax takes them apart in C++; nnx.State
-    wrappers cost the host several ms per call at ViT-B). The optimizer state on disk is a list
-    of leaves by index: leaf i of the dict form must be the same parameter's as leaf i of the
-    nnx.State form that earlier versions saved, or their runs would resume scrambled."""
-    calls = []
+    """The loop hands the pmapped step a few flat buffers (the host's time per call grows with
+    the buffers: bench/bench_host.py), and saves what earlier versions saved: the optimizer
+    state as the per-parameter tree's leaves, by index. Restored into that tree, every moment
+    is the step's own for that parameter, or runs saved before packing would resume scrambled."""
+    calls, packings = [], []
     make_step = train.make_p_train_step
 
     def spying_make_step(*args, **kwargs):
         step_fn = make_step(*args, **kwargs)
+        packings.append(kwargs.get("packing", args[6] if len(args) > 6 else None))
 
         def step(*step_args):
-            calls.append(step_args[:3])  # params, optimizer state, fixed tables
-            return step_fn(*step_args)
+            out = step_fn(*step_args)
+            calls.append((step_args[:3], jax.tree.map(np.asarray, out[:2])))
+            return out
 
         return step
 
     monkeypatch.setattr(train, "make_p_train_step", spying_make_step)
-    train.pretrain(_cfg(folder, max_steps=2), tmp_path, progress=False)
+    train.pretrain(_cfg(folder, max_steps=2, ckpt_every=2), tmp_path, progress=False)
     assert len(calls) == 2
+    (params, opt_state, fixed), _ = calls[0]
+    assert sorted(params) == ["decay", "no_decay"]
+    # AdamW: its step count and two moments of each buffer; and the two fixed tables
+    assert len(jax.tree.leaves(opt_state)) == 5 and len(jax.tree.leaves(fixed)) == 2
 
-    def is_state(x):
-        return isinstance(x, nnx.State)
-
-    nodes = jax.tree.leaves(calls, is_leaf=is_state)
-    assert nodes and not any(is_state(x) for x in nodes)
-
-    _, params, _ = _split()
-    plain = nnx.to_pure_dict(params)
-    old = optim.pretrain_direction(mask=optim.pretrain_decay_mask(params)).init(params)
-    new = optim.pretrain_direction(mask=optim.pretrain_decay_mask(plain)).init(plain)
-
-    def names(tree):
-        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return [(optim.path_names(path), np.shape(leaf)) for path, leaf in flat]
-
-    assert len(names(new)) == len(names(old)) > 100
-    assert names(new) == names(old)
+    _, param_states, fixed_states = _split()
+    plain = nnx.to_pure_dict(param_states)
+    template = optim.pretrain_direction(mask=optim.pretrain_decay_mask(plain)).init(plain)
+    ckpts = run_checkpoints.Checkpoints(tmp_path, keep=2)
+    try:
+        states, saved, _ = ckpts.restore(
+            2, {"params": param_states, "fixed": fixed_states}, template
+        )
+    finally:
+        ckpts.close()
+    packing = packings[0]
+    last_params, last_opt = calls[-1][1]
+    want = packing.unpack_state(jax.tree.map(lambda x: x[0], last_opt))
+    flat_saved = jax.tree_util.tree_flatten_with_path(saved)[0]
+    assert len(flat_saved) == len(jax.tree.leaves(want)) > 100
+    for (path, a), b in zip(flat_saved, jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    saved_params = nnx.to_pure_dict(states["params"])
+    for a, b in zip(
+        jax.tree.leaves(saved_params),
+        jax.tree.leaves(packing.unpack(jax.tree.map(lambda x: x[0], last_params))),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    # and a moment is the one of its own parameter: mu of the patch projection has its shape
+    mu = saved[0].mu["patch_embed"]["proj"]["kernel"]
+    assert mu.shape == saved_params["patch_embed"]["proj"]["kernel"].shape
+    assert np.any(mu != 0)
 
 
 def test_a_changed_setting_is_refused_on_resume(folder, tmp_path):
