@@ -301,12 +301,17 @@ def build_step(
     accum_iter = 1
     abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(seed)))
     graphdef, abstract_params, abstract_fixed = pretrain_step.split_model(abstract_model)
-    # Parameters and optimizer state packed by weight-decay group, as the training loop passes
-    # them.
-    packing, tx = pretrain_step.packed_pretrain_optimizer(
-        nnx.to_pure_dict(abstract_params), weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1]
+    # Parameters and optimizer state laid out as the training loop lays them out on the
+    # mesh's platform (packed by weight-decay group on GPU and TPU).
+    plain_params = nnx.to_pure_dict(abstract_params)
+    packing, tx = pretrain_step.pretrain_optimizer(
+        plain_params,
+        packed=pretrain_step.packs_state(mesh.devices.flat[0].platform),
+        weight_decay=WEIGHT_DECAY,
+        b1=BETAS[0],
+        b2=BETAS[1],
     )
-    packed_params = packing.abstract()
+    packed_params = jax.eval_shape(packing.pack, plain_params)
     shards = pretrain_step.OptimizerShards(packed_params, n_dev) if zero else None
     step_fn = pretrain_step.make_train_step(
         graphdef,

@@ -4,16 +4,18 @@ Run from the repository root:
 
     python bench/bench_host.py [--sizes base,large,huge] [--calls 30] [--bare-calls 200]
 
-For each size it prints the host time of one call of ``pretrain_step.make_p_train_step``'s step, called
-the way ``train.pretrain``'s loop calls it (params, optimizer state and fixed tables as the plain
-nested dicts that ``replication.replicate`` lays out, uint8 images, the base key, the micro-step
-as a Python int, the lr as a NumPy scalar), beside:
+For each size it prints the host time of one call of ``pretrain_step.make_p_train_step``'s step,
+called the way ``train.pretrain``'s loop calls it on a GPU or TPU (parameters and AdamW state
+packed by weight-decay group, ``pretrain_step.pretrain_optimizer(packed=True)``; the fixed tables
+as plain nested dicts; uint8 images, the base key, the micro-step as a Python int, the lr as a
+NumPy scalar), beside:
 
-- the same for a bare pmapped function of the same leaves as plain dicts (same in_axes, same
-  donation, same outputs, no computation): what a call costs at the least;
-- "update": the same leaves with every output computed (each leaf times the lr, no model): what
-  the runtime does per output buffer, which the bare function (returning its donated inputs)
-  skips;
+- "per-param step": the same step with one buffer per parameter and per moment (what the loop
+  passes on XLA:CPU, and passed everywhere before it packed its state);
+- "bare": a pmapped function of the model's leaves, one buffer per parameter and moment (same
+  in_axes, same donation, same outputs, no computation): the least a call with those buffers
+  costs, the reference the host-time targets are set against;
+- "bare packed": the same for the packed buffers the step takes;
 - the device time of the step on an H100 (989 TFLOP/s dense bf16) at 50% MFU and 64 images per
   chip, from the analytic FLOP count (``_accel.analytic_train_flops``): the host must dispatch
   faster than that, or the device waits for it.
@@ -23,10 +25,10 @@ are awaited afterwards, untimed. On a CPU the "device" is the same cores, and XL
 step while the call is still wrapping its outputs, so the wall time of a call includes waiting
 for cores; the headline figure is therefore the calling thread's CPU time during the call (the
 host's own work; on a GPU machine the two agree), with the wall time beside it. The median of
-the calls after a warm-up (which compiles). The step
-runs one image per device on one local device: the host's work depends on the leaves, not on
-the batch, and one image keeps the untimed device work short on a CPU. Parameters and optimizer
-state are zeros made on the device (no host copy), so ViT-H fits in ~8 GB.
+the calls after a warm-up (which compiles). The step runs one image per device on one local
+device: the host's work depends on the buffers, not on the batch, and one image keeps the
+untimed device work short on a CPU. Parameters and optimizer state are zeros made on the device
+(no host copy), so ViT-H fits in ~8 GB.
 """
 
 from __future__ import annotations
@@ -100,12 +102,32 @@ def time_dispatch(call, state, calls: int, warmup: int) -> dict[str, list[float]
     return times
 
 
+def _bare(p, o, f, imgs, key, step, lr):
+    """Returns its donated state untouched: no computation, the same outputs as the step."""
+    return p, o, {"loss": lr, "grad_norm": lr}
+
+
+def time_calls(fn, abstract: tuple, n_dev: int, extra: tuple, calls: int, warmup: int):
+    """``time_dispatch`` of ``fn(params, opt_state, fixed, *extra)``, the state made as zeros on
+    the devices from ``abstract`` and threaded from call to call (the step donates it)."""
+    params, opt_state, fixed = _zeros_on_devices(abstract, n_dev)
+    images, key, lr = extra
+
+    def call(state):
+        params, opt_state, step = state
+        out = fn(params, opt_state, fixed, images, key, step, lr)
+        return out, (out[0], out[1], step + 1)
+
+    # The last outputs are freed when the timing returns.
+    return time_dispatch(call, (params, opt_state, 0), calls, warmup)
+
+
 def measure(preset: str, args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
     from flax import nnx
 
-    from mae_jax import optim, pretrain_step
+    from mae_jax import pretrain_step
     from mae_jax.config import get_config
     from mae_jax.model import MaskedAutoencoderViT
 
@@ -113,63 +135,38 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     config = get_config(preset, norm_pix_loss=True)
     abstract = nnx.eval_shape(lambda: MaskedAutoencoderViT(config, rngs=nnx.Rngs(0)))
     graphdef, param_states, fixed_states = pretrain_step.split_model(abstract)
-    abstract_params, abstract_fixed = plain((param_states, fixed_states))
-    tx = optim.pretrain_direction(mask=optim.pretrain_decay_mask(abstract_params))
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    leaves = len(jax.tree.leaves((abstract_params, abstract_opt, abstract_fixed)))
+    params, fixed = plain((param_states, fixed_states))
+    packing, tx = pretrain_step.pretrain_optimizer(params, packed=True)
+    no_packing, per_param_tx = pretrain_step.pretrain_optimizer(params, packed=False)
+    per_param = (params, jax.eval_shape(per_param_tx.init, params), fixed)
+    packed = (packing.abstract(), jax.eval_shape(tx.init, packing.abstract()), fixed)
     images = np.zeros((n_dev, 1, 1, config.img_size, config.img_size, config.in_chans), np.uint8)
-    key, lr = jax.random.key(0), np.float32(1e-4)
+    extra = (images, jax.random.key(0), np.float32(1e-4))
+    bare = jax.pmap(_bare, in_axes=(0, 0, 0, 0, None, None, None), donate_argnums=(0, 1))
 
-    def scaled(tree, lr):
-        return jax.tree.map(lambda x: x * lr.astype(x.dtype), tree)
-
-    # The bare function first, on its own zeros (freed before the real state is made); then the
-    # same leaves, each output computed (one multiply per leaf, no model): the runtime's work
-    # per output buffer, which a function that returns its donated inputs does not do.
-    bare_times = {}
-    for name, outputs in (
-        ("bare", lambda p, o, lr: (p, o)),
-        ("update", lambda p, o, lr: (scaled(p, lr), scaled(o, lr))),
-    ):
-        fn = jax.pmap(
-            lambda p, o, f, imgs, key, step, lr, outputs=outputs: (
-                *outputs(p, o, lr),
-                {"loss": lr, "grad_norm": lr},
-            ),
-            in_axes=(0, 0, 0, 0, None, None, None),
-            donate_argnums=(0, 1),
+    def step_fn(tx, packing):
+        return pretrain_step.make_p_train_step(
+            graphdef, tx, 0.75, config.num_patches, packing=packing
         )
-        p, o, bare_fixed = _zeros_on_devices((abstract_params, abstract_opt, abstract_fixed), n_dev)
 
-        def bare_call(state, fn=fn, bare_fixed=bare_fixed):
-            p, o, step = state
-            out = fn(p, o, bare_fixed, images, key, step, lr)
-            return out, (out[0], out[1], step + 1)
-
-        # The state is donated call after call; the last outputs go when the timing returns.
-        bare_times[name] = time_dispatch(bare_call, (p, o, 0), args.bare_calls, args.warmup)
-        del p, o, bare_fixed
-
-    # The real step, called as train.pretrain calls it.
-    step_fn = pretrain_step.make_p_train_step(graphdef, tx, 0.75, config.num_patches)
-    params, opt_state, fixed = _zeros_on_devices(
-        (abstract_params, abstract_opt, abstract_fixed), n_dev
-    )
-
-    def real_call(state):
-        params, opt_state, step = state
-        out = step_fn(params, opt_state, fixed, images, key, step, lr)
-        return out, (out[0], out[1], step + 1)
-
-    compile_start = time.perf_counter()
-    real_times = time_dispatch(real_call, (params, opt_state, 0), args.calls, args.warmup)
-    seconds = time.perf_counter() - compile_start
+    # One candidate at a time: each makes its own zeros on the devices and frees them after.
+    start = time.perf_counter()
+    times = {
+        "bare": time_calls(bare, per_param, n_dev, extra, args.bare_calls, args.warmup),
+        "bare packed": time_calls(bare, packed, n_dev, extra, args.bare_calls, args.warmup),
+        "step": time_calls(step_fn(tx, packing), packed, n_dev, extra, args.calls, args.warmup),
+        "per-param step": time_calls(
+            step_fn(per_param_tx, no_packing), per_param, n_dev, extra, args.calls, args.warmup
+        ),
+    }
     flops = _accel.analytic_train_flops(config, DEVICE_BATCH)
     return {
-        "leaves": leaves,
-        "real": real_times,
-        **bare_times,
-        "seconds": seconds,
+        "leaves": {
+            "per-param": len(jax.tree.leaves(per_param)),
+            "packed": len(jax.tree.leaves(packed)),
+        },
+        "times": times,
+        "seconds": time.perf_counter() - start,
         "device_s": _accel.device_seconds_at(flops, H100_TFLOPS, 0.5),
     }
 
@@ -178,40 +175,45 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import jax
 
+    from mae_jax import _memory
+
+    # Each candidate's state is freed before the next is made; returned to the system at once,
+    # ViT-H's candidates fit one after another in 24 GB.
+    _memory.return_large_blocks_to_the_system()
+
     print(
         f"host time per call of the pmapped pretraining step on {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}), 1 local device, 1 image; dispatch only, median of "
-        f"{args.calls} calls (bare function: {args.bare_calls})",
+        f"{args.calls} calls (bare functions: {args.bare_calls})",
         flush=True,
     )
     rows = []
     for size in args.size_list:
         preset = _accel.SIZES[size]
         r = measure(preset, args)
-        ms = {
-            (k, t): 1e3 * statistics.median(r[k][t])
-            for k in ("real", "bare", "update")
-            for t in r[k]
-        }
+        cpu = {k: 1e3 * statistics.median(t["cpu"]) for k, t in r["times"].items()}
+        wall = {k: 1e3 * statistics.median(t["wall"]) for k, t in r["times"].items()}
+        leaves = r["leaves"]
         print(
-            f"{preset}: {r['leaves']} leaves; step {ms['real', 'cpu']:.2f} ms CPU, "
-            f"{ms['real', 'wall']:.2f} ms wall (p10-p90 {_percentiles_ms(r['real']['wall'])}); "
-            f"bare {ms['bare', 'cpu']:.2f} ms CPU, {ms['bare', 'wall']:.2f} ms wall "
-            f"({_percentiles_ms(r['bare']['wall'])}); update {ms['update', 'cpu']:.2f} ms CPU; "
-            "a whole step here "
-            f"{1e3 * statistics.median(r['real']['whole']):.0f} ms; {r['seconds']:.0f} s in all "
-            "with the compile",
+            f"{preset}: {leaves['per-param']} leaves per parameter, {leaves['packed']} packed; "
+            + "; ".join(
+                f"{k} {cpu[k]:.2f} ms CPU, {wall[k]:.2f} ms wall "
+                f"(p10-p90 {_percentiles_ms(r['times'][k]['wall'])})"
+                for k in r["times"]
+            )
+            + f"; a whole step here {1e3 * statistics.median(r['times']['step']['whole']):.0f} ms"
+            f"; {r['seconds']:.0f} s in all with the compiles",
             flush=True,
         )
         device_ms = 1e3 * r["device_s"]
         rows.append(
             (
-                f"{size} ({r['leaves']} leaves)",
-                f"{ms['real', 'cpu']:.2f} ms",
-                f"bare {ms['bare', 'cpu']:.2f} ms, update {ms['update', 'cpu']:.2f} ms, step/bare "
-                f"{ms['real', 'cpu'] / ms['bare', 'cpu']:.2f}x (wall {ms['real', 'wall']:.2f} "
-                f"and {ms['bare', 'wall']:.2f} ms); H100 at 50% MFU, {DEVICE_BATCH}/chip: "
-                f"{device_ms:.3g} ms ({'host ahead' if ms['real', 'cpu'] < device_ms else 'HOST BEHIND'})",
+                f"{size} ({leaves['per-param']} -> {leaves['packed']} buffers)",
+                f"{cpu['step']:.2f} ms",
+                f"step/bare {cpu['step'] / cpu['bare']:.2f}x; bare {cpu['bare']:.2f} ms, "
+                f"bare packed {cpu['bare packed']:.2f} ms, per-param step "
+                f"{cpu['per-param step']:.2f} ms; H100 at 50% MFU, {DEVICE_BATCH}/chip: "
+                f"{device_ms:.3g} ms ({'host ahead' if cpu['step'] < device_ms else 'HOST BEHIND'})",
             )
         )
     _common.print_summary(

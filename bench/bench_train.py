@@ -106,9 +106,13 @@ class JaxTrainer:
 
         from mae_jax import pretrain_step, replication
 
-        # Parameters and AdamW state packed by weight-decay group, as train.pretrain lays them out.
-        packing, tx = pretrain_step.packed_pretrain_optimizer(
-            nnx.to_pure_dict(params), weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1]
+        # Parameters and AdamW state laid out as train.pretrain lays them out on this platform.
+        packing, tx = pretrain_step.pretrain_optimizer(
+            nnx.to_pure_dict(params),
+            packed=pretrain_step.packs_state(),
+            weight_decay=WEIGHT_DECAY,
+            b1=BETAS[0],
+            b2=BETAS[1],
         )
         packed = packing.pack(nnx.to_pure_dict(params))
         self.n_dev = jax.local_device_count()

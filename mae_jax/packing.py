@@ -110,3 +110,22 @@ class Packing:
         return jax.tree.map(
             lambda x: self.unpack(x) if self._is_packed(x) else x, state, is_leaf=self._is_packed
         )
+
+
+class NoPacking:
+    """The tree as it is, one buffer per leaf: ``Packing``'s methods as identities."""
+
+    def pack(self, tree: Any) -> Any:
+        return tree
+
+    def unpack(self, packed: Any) -> Any:
+        return packed
+
+    def pack_state(self, state: Any) -> Any:
+        return state
+
+    def unpack_state(self, state: Any) -> Any:
+        return state
+
+
+NO_PACKING = NoPacking()

@@ -24,7 +24,7 @@ from flax import nnx
 from mae_jax import masking, multihost, optim
 from mae_jax.model import FixedEmbedding, MaskedAutoencoderViT
 from mae_jax.normalization import IMAGENET, Normalization
-from mae_jax.packing import Packing
+from mae_jax.packing import NO_PACKING, NoPacking, Packing
 from mae_jax.replication import AXIS
 
 
@@ -95,7 +95,7 @@ def train_step(
     num_patches: int,
     shards: OptimizerShards | None = None,
     norm: Normalization = IMAGENET,
-    packing: Packing | None = None,
+    packing: Packing | NoPacking = NO_PACKING,
 ) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
     """One optimizer step on one device, over ``A = accum_iter`` micro-batches [A, N, H, W, C].
 
@@ -105,20 +105,20 @@ def train_step(
     from the host. Micro-batch i draws its masks for micro-step ``step + i``. uint8 images are
     normalised on the device with ``norm``.
 
-    With ``packing``, ``params`` and the parameter-shaped parts of ``opt_state`` are its flat
-    buffers (what the training loop passes): the model reads static slices of them, and the
-    gradients are packed the same way, so that all-reduce, optimizer and update run on a few
-    large buffers.
+    With a ``Packing``, ``params`` and the parameter-shaped parts of ``opt_state`` are its flat
+    buffers (what the training loop passes on accelerators, ``packs_state``): the model reads
+    static slices of them, and the gradients are packed the same way, so that all-reduce,
+    optimizer and update run on a few large buffers.
     """
     accum = imgs_AxNxHxWxC.shape[0]
     args = (graphdef, mask_ratio, num_patches)
-    tree = params if packing is None else packing.unpack(params)
+    tree = packing.unpack(params)
 
     def local(imgs, micro_step):
         loss, grads = _local_loss_and_grads(
             tree, fixed, to_model_input(imgs, norm), key, micro_step, *args
         )
-        return loss, (grads if packing is None else packing.pack(grads))
+        return loss, packing.pack(grads)
 
     if accum == 1:
         loss, grads = local(imgs_AxNxHxWxC[0], step)
@@ -248,18 +248,31 @@ class OptimizerShards:
         return jax.tree.map(join, local, full_like)
 
 
-def packed_pretrain_optimizer(
-    params: Any, **adamw: float
-) -> tuple[Packing, optax.GradientTransformation]:
-    """How the training loop lays out ``params`` (plain nested dicts, or their shapes) for the
-    step, and the optimizer on that layout.
+def packs_state(platform: str | None = None) -> bool:
+    """Whether the training loop packs the step's parameters and optimizer state: on GPU and
+    TPU, where the host must dispatch each step faster than the device runs it and a call's host
+    time grows with its buffers (ViT-B on this project's CPU: 5.4 ms with one buffer per
+    parameter and moment, 0.75 ms packed; ``bench/bench_host.py``). Not on XLA:CPU: there the
+    host is the device, a step takes seconds, and the float32 slices of the packed buffers are
+    copied before the matmuls (the ViT-B step 8% slower, 0.45 GiB more temporaries).
+    ``platform``: where the step runs, by default jax's default backend."""
+    return (platform or jax.default_backend()) != "cpu"
 
-    The packing has two flat buffers, the parameters with weight decay (``"decay"``) and those
-    without (``"no_decay"``, the official rule: ``optim.pretrain_decay_mask``), and ``tx`` is
-    ``optim.pretrain_direction`` (``adamw``: its weight_decay, b1, b2, eps) with decay on the
-    first only: the same update, leaf for leaf, as the unpacked optimizer.
+
+def pretrain_optimizer(
+    params: Any, *, packed: bool, **adamw: float
+) -> tuple[Packing | NoPacking, optax.GradientTransformation]:
+    """The layout of ``params`` (plain nested dicts, or their shapes) for the step, and the
+    optimizer on that layout: ``optim.pretrain_direction`` (``adamw``: its weight_decay, b1, b2,
+    eps) with the official weight-decay mask (``optim.pretrain_decay_mask``).
+
+    ``packed``: two flat buffers, the parameters with weight decay (``"decay"``) and those
+    without (``"no_decay"``), and decay on the first only: the same update, leaf for leaf, as
+    the unpacked optimizer. Otherwise one buffer per parameter (``NO_PACKING``).
     """
     decays = optim.pretrain_decay_mask(params)
+    if not packed:
+        return NO_PACKING, optim.pretrain_direction(mask=decays, **adamw)
     packing = Packing(params, jax.tree.map(lambda d: "decay" if d else "no_decay", decays))
     mask = {group: group == "decay" for group in packing.groups}
     return packing, optim.pretrain_direction(mask=mask, **adamw)
@@ -273,7 +286,7 @@ def make_train_step(
     num_patches: int,
     shards: OptimizerShards | None = None,
     norm: Normalization = IMAGENET,
-    packing: Packing | None = None,
+    packing: Packing | NoPacking = NO_PACKING,
 ) -> Callable:
     """The pure per-device step, its static settings bound; collectives over ``AXIS``."""
     return functools.partial(
@@ -295,14 +308,14 @@ def make_p_train_step(
     num_patches: int,
     shards: OptimizerShards | None = None,
     norm: Normalization = IMAGENET,
-    packing: Packing | None = None,
+    packing: Packing | NoPacking = NO_PACKING,
 ) -> Callable:
     """``train_step`` over every local device: the only ``jax.pmap`` of training.
 
     Arguments: params and fixed tables replicated (leading device axis), the optimizer state
     replicated or, with ``shards``, one slice per device; images [devices, A, N, H, W, C]; then
-    the base key, the micro-step and the lr, shared by all devices. With ``packing``, params and
-    optimizer state come packed (see ``train_step``).
+    the base key, the micro-step and the lr, shared by all devices. With a ``Packing``, params
+    and optimizer state come packed (see ``train_step``).
     """
     step_fn = make_train_step(
         graphdef,

@@ -39,6 +39,14 @@ def replicate(tree: Any, n: int) -> Any:
     return jax.pmap(lambda _, t: t, in_axes=(0, None), axis_name=AXIS)(np.zeros(n), tree)
 
 
+def distribute(tree: Any) -> Any:
+    """Leaves [n, ...] on the host -> slice i on local device i, laid out as ``replicate``'s
+    copies are (and for the same reason: one compile per start)."""
+    if not jax.tree.leaves(tree):
+        return tree
+    return jax.pmap(lambda t: t, axis_name=AXIS)(tree)
+
+
 def unreplicate(tree: Any) -> Any:
     """One device's copy of a replicated tree, as host numpy arrays.
 

@@ -28,10 +28,18 @@ from mae_jax.pretrain_step import (
     OptimizerShards,
     TrainState,
     make_p_train_step,
-    packed_pretrain_optimizer,
+    packs_state,
+    pretrain_optimizer,
     split_model,
 )
-from mae_jax.replication import AXIS, local_axis_indices, replicate, shard_batch, unreplicate
+from mae_jax.replication import (
+    AXIS,
+    distribute,
+    local_axis_indices,
+    replicate,
+    shard_batch,
+    unreplicate,
+)
 from mae_jax.run_checkpoints import Checkpoints
 from mae_jax.run_config import PretrainConfig, compute_dtype, normalization_for
 from mae_jax.run_loop import (
@@ -215,16 +223,18 @@ def _pretrain_with_data(
         attention=config.attention,
     )
     graphdef, param_states, fixed_states = split_model(model)
-    # The step takes the parameters and the optimizer state packed into one flat buffer per
-    # weight-decay group (mae_jax.packing): a call then hands the runtime a few buffers instead
-    # of one per parameter and moment, and the host keeps ahead of the device
-    # (bench/bench_host.py). Checkpoints hold the unpacked trees, as before.
+    # On GPU and TPU the step takes the parameters and the optimizer state packed into one flat
+    # buffer per weight-decay group (mae_jax.packing): a call then hands the runtime a few
+    # buffers instead of one per parameter and moment, and the host keeps ahead of the device
+    # (packs_state). Checkpoints hold the per-parameter trees either way.
     params = nnx.to_pure_dict(param_states)
-    packing, tx = packed_pretrain_optimizer(params, weight_decay=config.weight_decay)
+    packing, tx = pretrain_optimizer(params, packed=packs_state(), weight_decay=config.weight_decay)
     # The initial optimizer state as checkpoints hold it (per parameter), to restore into.
     opt_state = packing.unpack_state(jax.tree.map(np.asarray, tx.init(packing.pack(params))))
     shards = (
-        OptimizerShards(packing.abstract(), jax.device_count(), local_axis_indices(n_dev))
+        OptimizerShards(
+            jax.eval_shape(packing.pack, params), jax.device_count(), local_axis_indices(n_dev)
+        )
         if config.shard_optimizer
         else None
     )
@@ -241,7 +251,7 @@ def _pretrain_with_data(
     if shards is None:
         device_opt = replicate(opt_state, n_dev)
     else:
-        device_opt = shards.shard(opt_state, tx.init(shards.template()))
+        device_opt = distribute(shards.shard(opt_state, tx.init(shards.template())))
     state = TrainState(
         graphdef, replicate(packing.pack(params), n_dev), replicate(fixed, n_dev), device_opt, step
     )

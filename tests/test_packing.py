@@ -28,7 +28,7 @@ def _random_like(tree, seed=0):
 
 def test_round_trip_is_exact_and_groups_follow_the_decay_rule():
     params = _random_like(_params())
-    packing, _ = pretrain_step.packed_pretrain_optimizer(params)
+    packing, _ = pretrain_step.pretrain_optimizer(params, packed=True)
     packed = packing.pack(params)
     assert packing.groups == ("decay", "no_decay")
     decays = jax.tree.leaves(optim.pretrain_decay_mask(params))
@@ -47,7 +47,7 @@ def test_round_trip_is_exact_and_groups_follow_the_decay_rule():
 
 def test_inside_jit_pack_and_unpack_give_the_same_values():
     params = _random_like(_params(), seed=1)
-    packing, _ = pretrain_step.packed_pretrain_optimizer(params)
+    packing, _ = pretrain_step.pretrain_optimizer(params, packed=True)
     doubled = jax.jit(lambda p: packing.pack(jax.tree.map(lambda x: 2 * x, packing.unpack(p))))(
         packing.pack(params)
     )
@@ -59,7 +59,7 @@ def test_optimizer_state_round_trip_keeps_the_checkpoint_layout():
     """The state unpacked for a checkpoint is the tree the per-parameter optimizer has: same
     paths, same shapes, in the same order (runs saved before packing resume unchanged)."""
     params = _params()
-    packing, tx = pretrain_step.packed_pretrain_optimizer(params)
+    packing, tx = pretrain_step.pretrain_optimizer(params, packed=True)
     per_param = optim.pretrain_direction(mask=optim.pretrain_decay_mask(params)).init(params)
     packed_state = _random_like(tx.init(packing.pack(params)), seed=2)
     unpacked = packing.unpack_state(packed_state)
@@ -79,7 +79,7 @@ def test_packed_adamw_is_the_per_parameter_adamw():
     """Weight decay on the "decay" buffer only is the official per-parameter mask."""
     params = _random_like(_params(), seed=3)
     grads = _random_like(params, seed=4)
-    packing, tx = pretrain_step.packed_pretrain_optimizer(params, weight_decay=0.05)
+    packing, tx = pretrain_step.pretrain_optimizer(params, packed=True, weight_decay=0.05)
     per_param = optim.pretrain_direction(mask=optim.pretrain_decay_mask(params))
     want, _ = per_param.update(grads, per_param.init(params), params)
     packed_params = packing.pack(params)

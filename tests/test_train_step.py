@@ -70,11 +70,8 @@ def _new_run(micro_imgs, accum, shard_optimizer=False, packed=True):
     Returns the parameters and the full optimizer state unpacked, as checkpoints hold them."""
     graphdef, params, fixed = _split()
     params = nnx.to_pure_dict(params)
-    if packed:
-        packing, tx = pretrain_step.packed_pretrain_optimizer(params)
-    else:
-        packing, tx = None, optim.pretrain_direction(mask=optim.pretrain_decay_mask(params))
-    state = params if packing is None else packing.pack(params)
+    packing, tx = pretrain_step.pretrain_optimizer(params, packed=packed)
+    state = packing.pack(params)
     full = tx.init(state)
     shards = pretrain_step.OptimizerShards(state, N_DEV) if shard_optimizer else None
     if shards is None:
@@ -92,10 +89,8 @@ def _new_run(micro_imgs, accum, shard_optimizer=False, packed=True):
         losses.append(float(metrics["loss"][0]))
         norms.append(float(metrics["grad_norm"][0]))
     opt_host = replication.unreplicate(o) if shards is None else shards.unshard(o, full)
-    p = replication.unreplicate(p)
-    if packing is not None:
-        p, opt_host = packing.unpack(p), packing.unpack_state(opt_host)
-    return p, np.asarray(losses), np.asarray(norms), opt_host
+    p = packing.unpack(replication.unreplicate(p))
+    return p, np.asarray(losses), np.asarray(norms), packing.unpack_state(opt_host)
 
 
 def _assert_params_close(a, b, rtol, atol):
@@ -240,9 +235,11 @@ def cudnn_present(monkeypatch):
 
 
 def _lower_step(platform, dtype, remat="none"):
-    """The step as the loop runs it (packed state), lowered for ``platform``."""
+    """The step as the loop runs it on ``platform`` (packed state off CPU), lowered for it."""
     graphdef, params, fixed = _split(dtype=dtype, remat=remat)
-    packing, tx = pretrain_step.packed_pretrain_optimizer(nnx.to_pure_dict(params))
+    packing, tx = pretrain_step.pretrain_optimizer(
+        nnx.to_pure_dict(params), packed=pretrain_step.packs_state(platform)
+    )
     mesh = jax.sharding.Mesh(np.array(jax.devices()), (replication.AXIS,))
     step = pretrain_step.make_sharded_train_step(
         pretrain_step.make_train_step(
@@ -250,7 +247,7 @@ def _lower_step(platform, dtype, remat="none"):
         ),
         mesh,
     )
-    packed = packing.abstract()
+    packed = jax.eval_shape(packing.pack, nnx.to_pure_dict(params))
     args = _abstract_args(packed, jax.eval_shape(tx.init, packed), fixed, accum=1)
     return _canonical_stablehlo(step.trace(*args).lower(lowering_platforms=(platform,)))
 
