@@ -272,6 +272,7 @@ def build_step(
     zero: bool = False,
     concrete: bool = False,
     seed: int = 0,
+    packed: bool | None = None,
 ) -> StepBuild:
     """The pretraining step of ``preset`` under ``jax.shard_map`` over ``mesh`` (one axis named
     ``replication.AXIS``): parameters replicated, the optimizer state replicated or, with ``zero``,
@@ -279,7 +280,9 @@ def build_step(
     axis. Parameters and optimizer state are donated, as in training.
 
     With ``concrete=False`` nothing is materialized: the model comes from ``nnx.eval_shape`` and
-    every argument is a ShapeDtypeStruct, so planning ViT-H costs no memory. This is the only
+    every argument is a ShapeDtypeStruct, so planning ViT-H costs no memory. ``packed``: the
+    parameters and optimizer state packed by weight-decay group or one buffer per parameter;
+    by default as the training loop lays them out on the mesh's platform. This is the only
     place that knows the step's signature, ``pretrain_step.make_train_step``'s
     ``step(params, opt_state, fixed, imgs_uint8 [accum, b, H, W, 3], key, step, lr)``.
     """
@@ -301,12 +304,12 @@ def build_step(
     accum_iter = 1
     abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(seed)))
     graphdef, abstract_params, abstract_fixed = pretrain_step.split_model(abstract_model)
-    # Parameters and optimizer state laid out as the training loop lays them out on the
-    # mesh's platform (packed by weight-decay group on GPU and TPU).
+    if packed is None:  # as the training loop: packed by weight-decay group on GPU and TPU
+        packed = pretrain_step.packs_state(mesh.devices.flat[0].platform)
     plain_params = nnx.to_pure_dict(abstract_params)
     packing, tx = pretrain_step.pretrain_optimizer(
         plain_params,
-        packed=pretrain_step.packs_state(mesh.devices.flat[0].platform),
+        packed=packed,
         weight_decay=WEIGHT_DECAY,
         b1=BETAS[0],
         b2=BETAS[1],

@@ -14,6 +14,8 @@
 #                (MAE encoder and decoder, classifier): forward, gradient, no NaN.
 #  5. accel:     bench/bench_accel.py for ViT-B then ViT-L, few steps, beside torch AMP.
 #  6. host:      bench/bench_host.py for ViT-B, L and H.
+#  7. packing:   bench/bench_packing.py, ViT-B bfloat16 at 64: what the packed state (the loop's
+#                layout on GPU) costs the step against one buffer per parameter.
 #
 # Every step's output goes to DIR/<step>.log; DIR/summary.txt holds one status line per step and
 # the lines that matter (the parity verdict, the tables). A failed step does not stop the others;
@@ -76,12 +78,14 @@ if [ "$CPU" = 1 ]; then
     SIZES=tiny
     ACCEL_ARGS=(--allow-cpu --sizes tiny --batch 8 --steps 2 --warmup 1 --skip-torch)
     HOST_ARGS=(--sizes tiny --calls 5 --bare-calls 20 --warmup 1)
+    PACK_ARGS=(--size tiny --batch 8 --reps 2)
     note "device check, cpu mode (tiny model), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 else
     PRESET=mae_vit_base_patch16
     SIZES=base,large,huge
     ACCEL_ARGS=(--sizes base,large --steps 10 --warmup 3)
     HOST_ARGS=(--sizes base,large,huge --calls 30 --bare-calls 200)
+    PACK_ARGS=(--size base --batch 64 --dtype bfloat16 --reps 10 --warmup 2)
     note "device check, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     if [ "$(backend)" != gpu ]; then
         version=$("$PY" -c 'import jax; print(jax.__version__)' 2>/dev/null | tail -n 1)
@@ -116,6 +120,7 @@ run attention "vs XLA|not available" "$PY" bench/device_check.py attention --siz
 run accel "^device|^  [a-z]+ +[0-9]|jax: +failed|torch: +failed|MFU from" \
     "$PY" bench/bench_accel.py "${ACCEL_ARGS[@]}"
 run host "^  [a-z]+ \(|machine:|calibration" "$PY" bench/bench_host.py "${HOST_ARGS[@]}"
+run packing "^  (packed|per-param)" "$PY" bench/bench_packing.py "${PACK_ARGS[@]}"
 
 note "total $SECONDS s; logs in $OUT_DIR"
 exit $FAILED

@@ -201,10 +201,14 @@ def test_device_check_runs_on_cpu(tmp_path):
     )
     summary = (tmp_path / "summary.txt").read_text()
     assert result.returncode == 0, summary + result.stderr[-2000:]
-    steps = ("weights", "export", "convert", "parity", "precision", "attention", "accel", "host")
+    steps = (
+        *("weights", "export", "convert", "parity", "precision", "attention", "accel", "host"),
+        "packing",
+    )
     for step in steps:
         assert f"[ok]     {step} (" in summary
     assert "[FAILED]" not in summary
     assert "parity: all stages within tolerance" in summary
     assert summary.count("finite True: ok") == 3  # the tiny MAE's encoder, decoder, classifier
-    assert "matmul calibration" in summary and "tiny (183 leaves)" in summary
+    assert "matmul calibration" in summary and "tiny (183 -> 9 buffers)" in summary
+    assert "packed/per-param" in summary
