@@ -76,8 +76,7 @@ def _check_backend(url: str) -> None:
             import gcsfs  # noqa: F401  etils reads gs:// through it
         except ImportError as err:
             raise PathError(
-                f"{url}: reading and writing gs:// paths needs gcsfs "
-                "(pip install 'mae-jax[gcs]')"
+                f"{url}: reading and writing gs:// paths needs gcsfs (pip install 'mae-jax[gcs]')"
             ) from err
 
 
@@ -246,7 +245,9 @@ class AppendLog:
     by ``close``. Readers of the bucket see the log as it was at the last upload.
     """
 
-    def __init__(self, path: PathLike | epath.Path, *, new: bool = False, upload_secs: float = 30.0):
+    def __init__(
+        self, path: PathLike | epath.Path, *, new: bool = False, upload_secs: float = 30.0
+    ):
         self.path = run_path(path)
         self._remote = is_url(self.path)
         self._upload_secs = upload_secs

@@ -4,9 +4,9 @@ The pmapped pretraining step takes and returns the parameters and the optimizer 
 one buffer per parameter (759 for ViT-B, 1,479 for ViT-H, three times that with AdamW's moments),
 the host spends most of a call taking the buffers apart and wrapping the new ones, and can fall
 behind the device (``bench/bench_host.py``). Packed, the same values travel as a handful of 1-D
-buffers: the step unpacks them with static slices (which XLA fuses into the first reads, such as
-the cast to the compute dtype) and packs its gradients once, so the optimizer runs on flat
-buffers too.
+buffers: the step unpacks them with static slices and packs its gradients once, so the optimizer
+runs on flat buffers too. Where the step computes in bfloat16 (TPU), XLA mostly fuses the slices
+into the casts to bfloat16; XLA:CPU copies the float32 slices (``bench/bench_packing.py``).
 
 Leaves are grouped by a label (the weight-decay group for pretraining), so that a per-group
 setting of the optimizer becomes one flag per buffer. Within a group the leaves keep the tree's

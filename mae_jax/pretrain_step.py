@@ -251,10 +251,11 @@ class OptimizerShards:
 def packs_state(platform: str | None = None) -> bool:
     """Whether the training loop packs the step's parameters and optimizer state: on GPU and
     TPU, where the host must dispatch each step faster than the device runs it and a call's host
-    time grows with its buffers (ViT-B on this project's CPU: 5.4 ms with one buffer per
-    parameter and moment, 0.75 ms packed; ``bench/bench_host.py``). Not on XLA:CPU: there the
+    time grows with its buffers (ViT-B on this project's CPU: 4.9 ms with one buffer per
+    parameter and moment, 0.73 ms packed; ``bench/bench_host.py``). Not on XLA:CPU: there the
     host is the device, a step takes seconds, and the float32 slices of the packed buffers are
-    copied before the matmuls (the ViT-B step 8% slower, 0.45 GiB more temporaries).
+    copied before the matmuls (the ViT-B step 1.08x slower, 0.40 GiB more temporaries;
+    ``bench/bench_packing.py``).
     ``platform``: where the step runs, by default jax's default backend."""
     return (platform or jax.default_backend()) != "cpu"
 
