@@ -304,7 +304,7 @@ def build_step(
     accum_iter = 1
     abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(seed)))
     graphdef, abstract_params, abstract_fixed = pretrain_step.split_model(abstract_model)
-    if packed is None:  # as the training loop: packed by weight-decay group on GPU and TPU
+    if packed is None:  # as the training loop: packed by weight-decay group on GPUs
         packed = pretrain_step.packs_state(mesh.devices.flat[0].platform)
     plain_params = nnx.to_pure_dict(abstract_params)
     packing, tx = pretrain_step.pretrain_optimizer(

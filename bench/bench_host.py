@@ -5,13 +5,13 @@ Run from the repository root:
     python bench/bench_host.py [--sizes base,large,huge] [--calls 30] [--bare-calls 200]
 
 For each size it prints the host time of one call of ``pretrain_step.make_p_train_step``'s step,
-called the way ``train.pretrain``'s loop calls it on a GPU or TPU (parameters and AdamW state
+called the way ``train.pretrain``'s loop calls it on a GPU (parameters and AdamW state
 packed by weight-decay group, ``pretrain_step.pretrain_optimizer(packed=True)``; the fixed tables
 as plain nested dicts; uint8 images, the base key, the micro-step as a Python int, the lr as a
 NumPy scalar), beside:
 
 - "per-param step": the same step with one buffer per parameter and per moment (what the loop
-  passes on XLA:CPU, and passed everywhere before it packed its state);
+  passes on TPU and XLA:CPU, and passed everywhere before it packed its state on GPUs);
 - "bare": a pmapped function of the model's leaves, one buffer per parameter and moment (same
   in_axes, same donation, same outputs, no computation): the least a call with those buffers
   costs, the reference the host-time targets are set against;

@@ -43,6 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="ZeRO-1: each chip keeps 1/n of the AdamW state (the shard_optimizer setting)",
     )
+    parser.add_argument(
+        "--state",
+        choices=["per-param", "packed"],
+        default="per-param",
+        help="parameters and AdamW state one buffer per parameter (as the loop runs on TPU) or "
+        "packed by weight-decay group (as on GPU)",
+    )
     args = parser.parse_args(argv)
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
@@ -117,6 +124,7 @@ def plan_one(args: argparse.Namespace, mesh, batch: int) -> dict:
         remat=args.remat,
         mesh=mesh,
         zero=args.shard_optimizer,
+        packed=args.state == "packed",
     )
     print(f"  per-chip batch {batch} (global {build.global_batch})", flush=True)
     start = time.monotonic()

@@ -106,7 +106,7 @@ def train_step(
     normalised on the device with ``norm``.
 
     With a ``Packing``, ``params`` and the parameter-shaped parts of ``opt_state`` are its flat
-    buffers (what the training loop passes on accelerators, ``packs_state``): the model reads
+    buffers (what the training loop passes on GPUs, ``packs_state``): the model reads
     static slices of them, and the gradients are packed the same way, so that all-reduce,
     optimizer and update run on a few large buffers.
     """
@@ -249,15 +249,20 @@ class OptimizerShards:
 
 
 def packs_state(platform: str | None = None) -> bool:
-    """Whether the training loop packs the step's parameters and optimizer state: on GPU and
-    TPU, where the host must dispatch each step faster than the device runs it and a call's host
+    """Whether the training loop packs the step's parameters and optimizer state: on GPUs,
+    where the host must dispatch each step faster than the device runs it and a call's host
     time grows with its buffers (ViT-B on this project's CPU: 4.9 ms with one buffer per
-    parameter and moment, 0.73 ms packed; ``bench/bench_host.py``). Not on XLA:CPU: there the
-    host is the device, a step takes seconds, and the float32 slices of the packed buffers are
-    copied before the matmuls (the ViT-B step 1.08x slower, 0.40 GiB more temporaries;
-    ``bench/bench_packing.py``).
-    ``platform``: where the step runs, by default jax's default backend."""
-    return (platform or jax.default_backend()) != "cpu"
+    parameter and moment, 0.73 ms packed; ``bench/bench_host.py``).
+
+    The price is memory: XLA keeps the whole packed gradient buffer through the backward,
+    where per parameter each gradient's all-reduce and update can run as soon as it is ready.
+    Compiled for TPU v5e at 64 images per chip, ViT-L/16 needs 11.85 GiB packed against 10.67
+    per parameter (``bench/plan_tpu.py --state``), so on TPU, with 16 to 32 GiB per chip, the
+    loop does not pack. Nor on XLA:CPU: there the host is the device, a step takes seconds,
+    and the float32 slices of the packed buffers are copied before the matmuls (the ViT-B step
+    1.08x slower; ``bench/bench_packing.py``). ``platform``: where the step runs, by default
+    jax's default backend."""
+    return (platform or jax.default_backend()) in ("gpu", "cuda", "rocm")
 
 
 def pretrain_optimizer(

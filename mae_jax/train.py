@@ -223,9 +223,9 @@ def _pretrain_with_data(
         attention=config.attention,
     )
     graphdef, param_states, fixed_states = split_model(model)
-    # On GPU and TPU the step takes the parameters and the optimizer state packed into one flat
-    # buffer per weight-decay group (mae_jax.packing): a call then hands the runtime a few
-    # buffers instead of one per parameter and moment, and the host keeps ahead of the device
+    # On GPUs the step takes the parameters and the optimizer state packed into one flat buffer
+    # per weight-decay group (mae_jax.packing): a call then hands the runtime a few buffers
+    # instead of one per parameter and moment, and the host keeps ahead of the device
     # (packs_state). Checkpoints hold the per-parameter trees either way.
     params = nnx.to_pure_dict(param_states)
     packing, tx = pretrain_optimizer(params, packed=packs_state(), weight_decay=config.weight_decay)

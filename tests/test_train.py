@@ -207,7 +207,7 @@ def test_resume_gives_the_same_losses_bitwise_with_one_compile_per_start(
 def test_packed_state_saves_per_parameter_trees_and_resumes_on_either_layout(
     folder, tmp_path, monkeypatch, straight_losses
 ):
-    """On GPU and TPU the loop hands the step a few flat buffers (the host's time per call
+    """On GPUs the loop hands the step a few flat buffers (the host's time per call
     grows with the buffers: bench/bench_host.py); forced here on CPU. What it saves is what
     the per-parameter layout saves: the optimizer state is a list of leaves by index, and leaf
     i must be the same parameter's moment as leaf i of the per-parameter tree, or runs would
