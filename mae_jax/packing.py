@@ -65,10 +65,6 @@ class Packing:
     def groups(self) -> tuple[str, ...]:
         return tuple(self.sizes)
 
-    def abstract(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """The packed form's shapes and dtypes."""
-        return {g: jax.ShapeDtypeStruct((n,), self.dtypes[g]) for g, n in self.sizes.items()}
-
     def pack(self, tree: Any) -> dict[str, Any]:
         """``tree`` (the structure of ``like``) -> ``{group: flat buffer}``: NumPy arrays for a
         tree of host arrays, jax arrays inside a traced function."""
