@@ -107,14 +107,15 @@ class JaxTrainer:
         from mae_jax import pretrain_step, replication
 
         # Parameters and AdamW state laid out as train.pretrain lays them out on this platform.
+        params = nnx.to_pure_dict(params)
         packing, tx = pretrain_step.pretrain_optimizer(
-            nnx.to_pure_dict(params),
+            params,
             packed=pretrain_step.packs_state(),
             weight_decay=WEIGHT_DECAY,
             b1=BETAS[0],
             b2=BETAS[1],
         )
-        packed = packing.pack(nnx.to_pure_dict(params))
+        packed = packing.pack(params)
         self.n_dev = jax.local_device_count()
         self.params = replication.replicate(packed, self.n_dev)
         self.opt_state = replication.replicate(tx.init(packed), self.n_dev)
@@ -333,7 +334,7 @@ def pipeline_images_per_s(batch: int, img_size: int, read_threads: int = 16) -> 
     from mae_jax import data
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_synthetic_jpegs(tmp, max(PIPELINE_IMAGES, 2 * batch))
+        write_synthetic_jpegs(tmp, max(PIPELINE_IMAGES, 2 * batch), 500, 375)
         folder = data.ImageFolder(tmp)
         with data.pretrain_batches(
             folder, batch_size=batch, img_size=img_size, seed=0, read_threads=read_threads

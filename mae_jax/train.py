@@ -247,7 +247,7 @@ def _pretrain_with_data(
     )
     params, fixed = nnx.to_pure_dict(param_states), nnx.to_pure_dict(fixed_states)
     opt_state = packing.pack_state(jax.tree.map(np.asarray, opt_state))
-    full_opt_like = jax.tree.map(np.asarray, opt_state)
+    full_opt_like = opt_state  # host arrays: the shapes unshard gathers into at saves
     if shards is None:
         device_opt = replicate(opt_state, n_dev)
     else:

@@ -65,8 +65,8 @@ def _reference_run(micro_imgs, accum):
 
 
 def _new_run(micro_imgs, accum, shard_optimizer=False, packed=True):
-    """The step as the training loop runs it: parameters and optimizer state packed by
-    weight-decay group (``packed=False``: one buffer per parameter, the step's generic form).
+    """The step as the training loop runs it on GPUs: parameters and optimizer state packed by
+    weight-decay group (``packed=False``: one buffer per parameter, as on TPU and CPU).
     Returns the parameters and the full optimizer state unpacked, as checkpoints hold them."""
     graphdef, params, fixed = _split()
     params = nnx.to_pure_dict(params)
